@@ -1,0 +1,150 @@
+"""Typed configuration: dataclasses loaded from YAML, unknown keys rejected, ``--set a.b=c`` overrides.
+
+Each stage's defaults live here once; CLI flags never repeat them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration field is missing, unknown or of the wrong type; the message names it."""
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    """Image standardisation, periodic-sampling paper section 3.1.1 (and MSVCL v2 section IV-A)."""
+
+    height: int = 1152
+    width: int = 832
+    # When set (e.g. 0.1), images are resampled to this pixel spacing instead of to ``height`` rows,
+    # then cropped/padded to (height, width) (MSVCL v2, section IV-A).
+    target_spacing_mm: float | None = None
+    # VOI policy, see mammodg.io.dicom: "auto" | "none" | "always".
+    voi: str = "auto"
+    # Mean pixel value every model input image gets (pixels outside the breast take the constant
+    # that produces it). Applied when records are decoded, see mammodg.records.schema.
+    target_mean: float = 0.25
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """TFRecord builder: ``mammodg build-tfrecords``."""
+
+    preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
+    # Manifest columns whose combination defines a data segment.
+    segment_keys: list[str] = dataclasses.field(default_factory=lambda: ["source", "manufacturer"])
+    val_fraction: float = 0.2
+    seed: int = 0
+    # Salt of the patient pseudonyms. Empty: a random salt is created once and kept in
+    # ``<out>/.pseudonym_salt`` (never inside records), so re-runs give the same pseudonyms.
+    pseudonym_salt: str = ""
+    workers: int = 0  # 0 = all cores
+    shard_size: int = 256  # records per shard file at most
+    allow_non_mg: bool = False  # accept modalities other than MG
+    png_compress_level: int = 1  # zlib level of the 16-bit PNGs (0-9): speed vs size
+    keep_cache: bool = False  # keep the per-image cache used for resuming after success
+
+
+def _field_type(cls, name):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1] if args else Any, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ConfigError naming them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, _field_type(cls, k), f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b=c`` strings (values parsed as YAML scalars) to a nested mapping."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. preprocess.height=256")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Load dataclass ``cls`` from an optional YAML file plus overrides."""
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        where = str(path)
+    data = apply_overrides(data, overrides)
+    return from_dict(cls, data, where)
+
+
+def save(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

