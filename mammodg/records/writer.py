@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import time
 import traceback
 from pathlib import Path
 
@@ -216,7 +217,9 @@ def build(manifest: str | Path, out: str | Path, cfg: BuildConfig | None = None,
     tasks = plan(rows, cfg, salt, cache)
     todo = [t for t in tasks if not (cache / f"{t.key}.json").is_file()]
     workers = cfg.workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
     _run(todo, min(workers, max(1, len(todo))), progress)
+    t1 = time.perf_counter()
 
     metas = [json.loads((cache / f"{t.key}.json").read_text()) for t in tasks]
     ok = [m for m in metas if m["status"] == "ok"]
@@ -225,6 +228,7 @@ def build(manifest: str | Path, out: str | Path, cfg: BuildConfig | None = None,
         for m in metas if m["status"] != "ok"]
     rejected.sort(key=lambda r: r["line"])
     splits = _write_shards(out, ok, cache, cfg.shard_size)
+    t2 = time.perf_counter()
 
     with open(out / f".{REJECTS_NAME}.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["line", "image_path", "reason", "detail"])
@@ -246,6 +250,7 @@ def build(manifest: str | Path, out: str | Path, cfg: BuildConfig | None = None,
         "image_shape": [cfg.preprocess.height, cfg.preprocess.width],
         "config": to_dict(cfg) | {"pseudonym_salt": "(not stored)"},
         "splits": splits,
+        "timing": {"processed": len(todo), "workers": workers, "process_s": round(t1 - t0, 3), "assemble_s": round(t2 - t1, 3)},
     }
     _atomic_write(out / INDEX_NAME, json.dumps(index, indent=1).encode())
     if not cfg.keep_cache:
