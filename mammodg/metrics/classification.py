@@ -1,0 +1,399 @@
+"""Image-level classification metrics of the periodic-sampling paper (section 3.1.2, "Metrics").
+
+Everything here is plain numpy (no TensorFlow, no scikit-learn at run time), so it can be used from a
+training loop, a notebook or an evaluation script alike.
+
+* :func:`weighted_log_loss` -- "Weighted Logloss per image" (WLL / image): binary cross-entropy with
+  sample weights estimated on the evaluated set so that both classes weigh equally.
+* :func:`auc`, :func:`roc`, :func:`operating_points` -- ROC curve, its area and the operating points
+  (OPs) at fixed probability thresholds (the paper uses 0.2, 0.4, 0.6, 0.8).
+* :func:`bootstrap_auc`, :func:`bootstrap_delta_auc` -- AUC and paired difference of AUC between two
+  models with 95 % percentile confidence intervals from Efron bootstraps (2000 resamples, uniform
+  sampling with replacement over the evaluated set) and a bootstrap p-value.
+* :func:`classification_report` -- all of the above, globally and per data segment (DS), as a
+  JSON-serialisable dict (``nan`` is written as ``None``).
+
+Labels are binary: 0 = benign / negative, 1 = malignant / positive (bool arrays are accepted).
+Scores are probabilities of malignancy (any real score works for the AUC / ROC functions).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "weighted_log_loss",
+    "auc",
+    "roc",
+    "operating_points",
+    "bootstrap_auc",
+    "bootstrap_delta_auc",
+    "classification_report",
+    "downsample_curve",
+]
+
+DEFAULT_THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
+
+#: upper bound on the number of int64 cells a bootstrap chunk allocates (indices or counts): ~16 MiB each
+_CHUNK_CELLS = 1 << 21
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def _labels(y_true) -> np.ndarray:
+    y = np.asarray(y_true)
+    if y.ndim != 1:
+        y = y.reshape(-1)
+    if y.dtype == bool:
+        return y.astype(np.int64)
+    if y.size and not np.isin(y, (0, 1)).all():
+        bad = np.unique(y[~np.isin(y, (0, 1))])[:5]
+        raise ValueError(f"labels must be binary 0/1, got values such as {bad.tolist()}")
+    return y.astype(np.int64)
+
+
+def _scores(scores, n: int, name: str = "scores") -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size != n:
+        raise ValueError(f"{name} has {s.size} values but y_true has {n}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return s
+
+
+def _f(x) -> float | None:
+    """Python float, or None for NaN (JSON friendly)."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+# ---------------------------------------------------------------------------------------- log loss
+def weighted_log_loss(y_true, p, eps: float = 1e-7) -> float:
+    """Weighted Logloss per image (WLL / image): class-balanced binary cross-entropy.
+
+    ``l_i = -[y_i log p_i + (1 - y_i) log(1 - p_i)]`` with ``p`` clipped to ``[eps, 1 - eps]``, averaged
+    with the sample weights ``w_i = N / (2 N_{y_i})`` estimated on the evaluated set itself
+    (``N_c`` = number of samples of class ``c``)::
+
+        WLL = sum_i w_i l_i / sum_i w_i = (mean_{y=0} l + mean_{y=1} l) / 2
+
+    i.e. the mean of the per-class mean log losses, insensitive to the label proportions of the set.
+    This equals ``sklearn.metrics.log_loss(y, p, sample_weight=compute_sample_weight("balanced", y))``.
+
+    If the set holds a single class, the WLL is the plain mean log loss of that class (no division by
+    zero). Raises ``ValueError`` on an empty set.
+    """
+    y = _labels(y_true)
+    if y.size == 0:
+        raise ValueError("weighted_log_loss of an empty set")
+    q = np.clip(_scores(p, y.size, "p"), eps, 1.0 - eps)
+    losses = np.where(y == 1, -np.log(q), -np.log1p(-q))
+    per_class = [losses[y == c].mean() for c in (0, 1) if (y == c).any()]
+    return float(np.mean(per_class))
+
+
+# ------------------------------------------------------------------------------------------- ROC / AUC
+def auc(y_true, scores) -> float:
+    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg), ties count 1/2).
+
+    Returns ``nan`` when the set does not contain both classes (the AUC is undefined).
+    """
+    y = _labels(y_true)
+    s = _scores(scores, y.size)
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    # mid-ranks (1-based) with ties averaged
+    order = np.argsort(s, kind="mergesort")
+    ss = s[order]
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    ends = np.r_[starts[1:], ss.size]  # exclusive
+    mid = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(s.size)
+    ranks[order] = np.repeat(mid, ends - starts)
+    u = ranks[y == 1].sum() - n1 * (n1 + 1) / 2.0
+    return float(u / (n1 * n0))
+
+
+def roc(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve: ``(fpr, tpr, thresholds)``, thresholds decreasing.
+
+    Point ``k`` is obtained by predicting positive when ``score >= thresholds[k]``; one point per
+    distinct score plus a first point ``(0, 0)`` at threshold ``+inf`` (same convention as
+    ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``). When a class is missing, the
+    corresponding rate is undefined and filled with ``nan``.
+    """
+    y = _labels(y_true)
+    s = _scores(scores, y.size)
+    order = np.argsort(-s, kind="mergesort")
+    ss, yy = s[order], y[order]
+    last = np.r_[np.flatnonzero(ss[1:] != ss[:-1]), ss.size - 1]  # last index of each tie group
+    tps = np.r_[0, np.cumsum(yy)[last]]
+    fps = np.r_[0, (last + 1) - tps[1:]]
+    n1, n0 = tps[-1], fps[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = tps / n1 if n1 else np.full(tps.shape, np.nan)
+        fpr = fps / n0 if n0 else np.full(fps.shape, np.nan)
+    thresholds = np.r_[np.inf, ss[last]]
+    return fpr.astype(np.float64), tpr.astype(np.float64), thresholds
+
+
+def downsample_curve(fpr, tpr, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Thin a ROC curve for storage/plotting while keeping its shape.
+
+    Collinear intermediate points are dropped first (as sklearn's ``drop_intermediate``); if more than
+    ``max_points`` remain, points are picked evenly along the curve's length in ``|dfpr| + |dtpr|``
+    (so steep and flat parts are both resolved); first and last points are always kept.
+    """
+    fpr = np.asarray(fpr, dtype=np.float64)
+    tpr = np.asarray(tpr, dtype=np.float64)
+    if fpr.size <= 2 or not (np.isfinite(fpr).all() and np.isfinite(tpr).all()):
+        return fpr, tpr
+    keep = np.r_[True, np.logical_or(np.diff(fpr, 2) != 0, np.diff(tpr, 2) != 0), True]
+    fpr, tpr = fpr[keep], tpr[keep]
+    if fpr.size > max_points:
+        s = np.r_[0.0, np.cumsum(np.abs(np.diff(fpr)) + np.abs(np.diff(tpr)))]
+        idx = np.searchsorted(s, np.linspace(0.0, s[-1], max_points))
+        idx = np.unique(np.clip(np.r_[0, idx, fpr.size - 1], 0, fpr.size - 1))
+        fpr, tpr = fpr[idx], tpr[idx]
+    return fpr, tpr
+
+
+def operating_points(y_true, scores, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> list[dict]:
+    """Operating points of the ROC curve at fixed thresholds (predict positive when ``score >= t``).
+
+    Returns one dict per threshold: ``threshold``, ``fpr`` (= mean(score >= t | y = 0)),
+    ``tpr`` (= mean(score >= t | y = 1)), ``specificity`` (= 1 - fpr) and ``sensitivity`` (= tpr).
+    Rates of a missing class are ``nan``.
+    """
+    y = _labels(y_true)
+    s = _scores(scores, y.size)
+    pos, neg = s[y == 1], s[y == 0]
+    out = []
+    for t in thresholds:
+        t = float(t)
+        tpr = float((pos >= t).mean()) if pos.size else float("nan")
+        fpr = float((neg >= t).mean()) if neg.size else float("nan")
+        out.append({"threshold": t, "fpr": fpr, "tpr": tpr, "specificity": 1.0 - fpr, "sensitivity": tpr})
+    return out
+
+
+# ------------------------------------------------------------------------------ vectorised bootstrap
+def _auc_keys(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, int]:
+    """Bin key of every sample: ``rank of its distinct score + G * label`` (G = number of distinct scores)."""
+    _, inv = np.unique(s, return_inverse=True)
+    g = int(inv.max()) + 1 if inv.size else 0
+    return inv.reshape(-1).astype(np.int64) + g * y, g
+
+
+def _auc_rows(keys: np.ndarray, g: int, idx: np.ndarray) -> np.ndarray:
+    """AUC of every resample ``idx[r]`` (rows of sample indices), vectorised over rows.
+
+    Per row, a single ``bincount`` gives the multiplicity of each (label, distinct score) pair; the
+    Mann-Whitney statistic with ties is then ``U = sum_v pos[v] * (neg[< v] + neg[v] / 2)`` computed
+    with a cumulative sum over the sorted distinct scores. Work is O(rows * (n + G)), no per-row sort.
+    Rows lacking a class give ``nan``.
+    """
+    b = idx.shape[0]
+    if b == 0:
+        return np.empty(0)
+    flat = keys[idx] + (np.arange(b, dtype=np.int64) * (2 * g))[:, None]
+    counts = np.bincount(flat.ravel(), minlength=b * 2 * g).reshape(b, 2, g)
+    neg, pos = counts[:, 0], counts[:, 1]
+    neg_below2 = 2 * (np.cumsum(neg, axis=1) - neg) + neg  # 2 * (#neg strictly below + #neg tied / 2)
+    u2 = np.einsum("ij,ij->i", pos, neg_below2)  # 2 U, exact integers
+    n1, n0 = pos.sum(1), neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return u2 / (2.0 * n1 * n0)
+
+
+def _auc_resamples(y_true, scores, idx) -> np.ndarray:
+    """AUC of ``(y_true[idx[r]], scores[idx[r]])`` for every row ``r`` of ``idx`` (nan if one class)."""
+    y = _labels(y_true)
+    s = _scores(scores, y.size)
+    idx = np.atleast_2d(np.asarray(idx, dtype=np.int64))
+    keys, g = _auc_keys(y, s)
+    return _auc_rows(keys, g, idx)
+
+
+def _bootstrap_aucs(y: np.ndarray, score_list: Sequence[np.ndarray], n_boot: int, seed,
+                    max_draw_factor: int = 20) -> tuple[np.ndarray, int]:
+    """Paired bootstrap AUCs: ``(aucs[n_used, len(score_list)], n_redrawn)``.
+
+    Every resample draws ``n`` indices uniformly with replacement (``np.random.default_rng(seed)``) and
+    the *same* indices are used for every score vector. A resample with a single class (AUC undefined)
+    is discarded and redrawn; ``n_redrawn`` counts them. Drawing stops after ``max_draw_factor * n_boot``
+    resamples, so ``n_used < n_boot`` is possible only for tiny / extremely imbalanced sets.
+    """
+    n = y.size
+    n1 = int(y.sum())
+    k = len(score_list)
+    if n1 == 0 or n1 == n or n_boot <= 0:
+        return np.empty((0, k)), 0
+    rng = np.random.default_rng(seed)
+    keys = [_auc_keys(y, s) for s in score_list]
+    width = max([n] + [2 * g for _, g in keys])
+    chunk = max(1, _CHUNK_CELLS // width)
+    parts, n_valid, n_drawn, n_redrawn = [], 0, 0, 0
+    while n_valid < n_boot and n_drawn < max_draw_factor * n_boot:
+        b = min(chunk, n_boot - n_valid)
+        idx = rng.integers(0, n, size=(b, n))
+        n_drawn += b
+        aucs = np.stack([_auc_rows(kk, g, idx) for kk, g in keys], axis=1)
+        ok = np.isfinite(aucs[:, 0])
+        n_redrawn += int((~ok).sum())
+        parts.append(aucs[ok])
+        n_valid += int(ok.sum())
+    return np.concatenate(parts, axis=0)[:n_boot], n_redrawn
+
+
+def _ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    if values.size == 0:
+        return float("nan"), float("nan")
+    a = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(values, [a, 100.0 - a])
+    return float(lo), float(hi)
+
+
+def _altman_bland_p(est: float, lo: float, hi: float) -> float:
+    """P-value from a 95 % CI (Altman & Bland, BMJ 2011): SE = (hi - lo) / 3.92, z = |est| / SE,
+    p = exp(-0.717 z - 0.416 z^2)."""
+    if not all(np.isfinite([est, lo, hi])):
+        return float("nan")
+    se = (hi - lo) / (2 * 1.96)
+    if se <= 0:
+        return 1.0 if est == 0 else 0.0
+    z = abs(est) / se
+    return float(min(1.0, math.exp(-0.717 * z - 0.416 * z * z)))
+
+
+def bootstrap_auc(y_true, scores, n_boot: int = 2000, seed=0) -> dict:
+    """AUC with a 95 % percentile bootstrap CI.
+
+    Returns ``{"auc", "ci_low", "ci_high", "n_boot_used", "n_redrawn"}``; ``auc`` is computed on the
+    full set. Resampling as in :func:`bootstrap_delta_auc`. Everything is ``nan`` (and
+    ``n_boot_used == 0``) when the set holds a single class.
+    """
+    y = _labels(y_true)
+    s = _scores(scores, y.size)
+    boots, n_redrawn = _bootstrap_aucs(y, [s], n_boot, seed)
+    lo, hi = _ci(boots[:, 0])
+    return {"auc": auc(y, s), "ci_low": lo, "ci_high": hi, "n_boot_used": int(boots.shape[0]),
+            "n_redrawn": n_redrawn}
+
+
+def bootstrap_delta_auc(y_true, scores_a, scores_b, n_boot: int = 2000, seed=0) -> dict:
+    """Paired bootstrap comparison of the AUCs of two models evaluated on the same images.
+
+    ``delta = auc_b - auc_a``: **positive means model b is better** (in the paper, a = baseline,
+    b = compared method). ``auc_a``, ``auc_b`` and ``delta`` are point estimates on the full data.
+
+    Bootstrap (Efron): ``n_boot`` resamples of size ``n`` drawn uniformly with replacement over the set
+    with ``np.random.default_rng(seed)``; the same indices are used for a and b (paired). A resample
+    containing a single class (AUC undefined) is discarded and redrawn; how many were redrawn is
+    returned as ``n_redrawn`` and the number of valid resamples as ``n_boot_used`` (== ``n_boot``
+    except for pathological tiny sets, see ``_bootstrap_aucs``).
+
+    Returned keys:
+
+    * ``auc_a``, ``auc_b``, ``delta``: point estimates;
+    * ``ci_low``, ``ci_high``: 95 % percentile CI (2.5th / 97.5th percentiles, linear interpolation)
+      of the bootstrapped ``delta*``;
+    * ``p_value``: two-sided bootstrap p-value for ``delta = 0``:
+      ``min(1, 2 * min(P(delta* <= 0), P(delta* >= 0)))``. Its resolution is ``1 / n_boot_used``;
+      0 means "< 1 / n_boot_used". If every ``delta*`` is 0 (identical models) it is 1;
+    * ``p_value_altman_bland``: p-value derived from the CI by Altman & Bland (2011),
+      ``z = |delta| / ((ci_high - ci_low) / 3.92)``, ``p = exp(-0.717 z - 0.416 z^2)`` -- the
+      p-values of the paper's tables are consistent with this formula;
+    * ``auc_a_ci``, ``auc_b_ci``: 95 % percentile CIs ``(low, high)`` of each AUC;
+    * ``n_boot_used``, ``n_redrawn``.
+
+    With a single-class set every value is ``nan`` and ``n_boot_used == 0``.
+    """
+    y = _labels(y_true)
+    sa = _scores(scores_a, y.size, "scores_a")
+    sb = _scores(scores_b, y.size, "scores_b")
+    boots, n_redrawn = _bootstrap_aucs(y, [sa, sb], n_boot, seed)
+    auc_a, auc_b = auc(y, sa), auc(y, sb)
+    delta = auc_b - auc_a
+    d = boots[:, 1] - boots[:, 0]
+    lo, hi = _ci(d)
+    if d.size:
+        p = min(1.0, 2.0 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+    else:
+        p = float("nan")
+    return {
+        "auc_a": auc_a,
+        "auc_b": auc_b,
+        "delta": delta,
+        "ci_low": lo,
+        "ci_high": hi,
+        "p_value": p,
+        "p_value_altman_bland": _altman_bland_p(delta, lo, hi),
+        "auc_a_ci": _ci(boots[:, 0]),
+        "auc_b_ci": _ci(boots[:, 1]),
+        "n_boot_used": int(boots.shape[0]),
+        "n_redrawn": n_redrawn,
+    }
+
+
+# ----------------------------------------------------------------------------------------- report
+def _group_metrics(y: np.ndarray, s: np.ndarray, thresholds, n_boot: int, seed, max_roc_points: int) -> dict:
+    n, n_pos = int(y.size), int(y.sum())
+    out = {"n": n, "n_pos": n_pos, "n_neg": n - n_pos, "wll": _f(weighted_log_loss(y, s)),
+           "auc": None, "auc_ci": None, "n_boot_used": 0, "operating_points": None, "roc": None, "note": None}
+    ops = operating_points(y, s, thresholds)
+    out["operating_points"] = [{k: _f(v) for k, v in op.items()} for op in ops]
+    if n_pos == 0 or n_pos == n:
+        missing = "positives" if n_pos == 0 else "negatives"
+        out["note"] = f"no {missing}: AUC, ROC curve and {'TPR' if n_pos == 0 else 'FPR'} are undefined"
+        return out
+    b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed)
+    out["auc"] = _f(b["auc"])
+    out["auc_ci"] = [_f(b["ci_low"]), _f(b["ci_high"])]
+    out["n_boot_used"] = b["n_boot_used"]
+    fpr, tpr, _ = roc(y, s)
+    fpr, tpr = downsample_curve(fpr, tpr, max_roc_points)
+    out["roc"] = {"fpr": [round(float(v), 6) for v in fpr], "tpr": [round(float(v), 6) for v in tpr]}
+    return out
+
+
+def classification_report(y_true, scores, segments: Iterable | None = None, *,
+                          thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n_boot: int = 2000, seed=0,
+                          max_roc_points: int = 400) -> dict:
+    """Global and per-data-segment metrics, as a JSON-serialisable dict (``nan`` -> ``None``).
+
+    ``segments``: one label per sample (e.g. ``"S1|VendorA"``), or ``None`` for the global group only.
+    Returns::
+
+        {"thresholds": [...], "n_boot": int, "seed": seed,
+         "global": GROUP, "segments": {segment: GROUP, ...}}   # segments sorted by name
+
+    where ``GROUP`` is ``{"n", "n_pos", "n_neg", "wll", "auc", "auc_ci": [low, high], "n_boot_used",
+    "operating_points": [{"threshold", "fpr", "tpr", "specificity", "sensitivity"}, ...],
+    "roc": {"fpr": [...], "tpr": [...]}, "note"}``. The ROC curve is thinned to at most
+    ``max_roc_points`` points (:func:`downsample_curve`); operating points are exact.
+    A group lacking a class has ``auc``, ``auc_ci`` and ``roc`` set to ``None`` and a ``note``.
+    Every group is bootstrapped with the same ``seed``.
+    """
+    y = _labels(y_true)
+    s = _scores(scores, y.size)
+    if y.size == 0:
+        raise ValueError("classification_report of an empty set")
+    thresholds = [float(t) for t in thresholds]
+    rep = {"thresholds": thresholds, "n_boot": int(n_boot), "seed": seed,
+           "global": _group_metrics(y, s, thresholds, n_boot, seed, max_roc_points), "segments": {}}
+    if segments is not None:
+        seg = np.asarray([str(v) for v in segments]) if not isinstance(segments, np.ndarray) else segments.astype(str)
+        seg = seg.reshape(-1)
+        if seg.size != y.size:
+            raise ValueError(f"segments has {seg.size} values but y_true has {y.size}")
+        for name in np.unique(seg):
+            m = seg == name
+            rep["segments"][str(name)] = _group_metrics(y[m], s[m], thresholds, n_boot, seed, max_roc_points)
+    return rep
