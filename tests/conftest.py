@@ -19,3 +19,14 @@ def phantoms(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("phantoms")
     return make_phantoms(out, patients=64, styles=3, seed=1, scale=0.25, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_records(tmp_path_factory, phantoms):
+    """The phantoms built into shards at 64x48 (fast stream tests); returns the data folder."""
+    from mammodg.config import BuildConfig, PreprocessConfig
+    from mammodg.records.writer import build
+
+    out = tmp_path_factory.mktemp("tiny_records")
+    build(phantoms, out, BuildConfig(preprocess=PreprocessConfig(height=64, width=48), pseudonym_salt="t", workers=2, shard_size=8), progress=False)
+    return out

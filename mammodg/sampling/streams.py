@@ -1,0 +1,163 @@
+"""Batches in tf.data by sampling strategy (periodic-sampling paper, Algorithm 2, and its baselines).
+
+Every (data segment, label) stream reads its own shards (file order reshuffled each pass), shuffles
+*serialized* records in a small buffer, and repeats forever. A precomputed choice sequence says which
+stream gives the next sample; decoding happens after the choice, so memory does not grow with the
+number of segments times the image size (the shuffle budget is shared among streams).
+
+Strategies (``strategy`` in the stage config):
+
+- ``periodic``: Algorithm 1's pattern over segments, weights ``n_min``; labels alternate within each
+  segment, starting at a seeded random label (Algorithm 2's ``Y``).
+- ``balanced_segments`` ("Bal. segments"): the same with every segment weighted equally.
+- ``balanced_labels`` ("Bal. labels"): labels alternate 0, 1, segments ignored (one pooled stream per
+  label).
+- ``natural``: one pooled, shuffled stream of everything.
+
+The choice sequence is periodic (period 2 x pattern length, since a segment visited an odd number of
+times per pattern starts the next pass on the other label); ``start`` skips into it exactly, which is
+how a resumed run continues the same proportions and label alternation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from mammodg.records.reader import DatasetError, load_index, streams
+from mammodg.sampling.pattern import sampling_pattern
+
+STRATEGIES = ("periodic", "balanced_segments", "balanced_labels", "natural")
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a strategy samples: stream keys and one period of the choice sequence."""
+
+    keys: list  # stream keys: (segment, label) | ("*", label) | ("*", "*")
+    files: list[list[str]]
+    counts: list[int]
+    choices: np.ndarray  # int32 indices into ``keys``, one period
+
+    def proportions(self) -> dict:
+        """Share of each stream key over one period (what the run trains on)."""
+        c = np.bincount(self.choices, minlength=len(self.keys)) / len(self.choices)
+        return {f"{k[0]}|label{k[1]}": float(v) for k, v in zip(self.keys, c)}
+
+
+def _alternating(seg_seq: np.ndarray, n_segments: int, seed: int) -> np.ndarray:
+    """Labels for a sequence of segment visits: each segment alternates, from a seeded random start."""
+    start = np.random.default_rng(seed).integers(0, 2, n_segments)
+    visit = np.zeros_like(seg_seq)
+    order = np.argsort(seg_seq, kind="stable")
+    counts = np.bincount(seg_seq, minlength=n_segments)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    visit[order] = np.arange(len(seg_seq)) - np.repeat(first, counts)
+    return (start[seg_seq] + visit) % 2
+
+
+def make_plan(index: dict, data_dir: str | Path, split: str, strategy: str, seed: int = 0) -> Plan:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"sampling strategy must be one of {STRATEGIES}, got {strategy!r}")
+    by_key = streams(index, data_dir, split)
+    if not by_key:
+        raise DatasetError(f"split {split!r} of {data_dir} has no records")
+    segments = sorted({s for s, _ in by_key})
+    if strategy in ("periodic", "balanced_segments"):
+        missing = [f"{s} (no label {lab})" for s in segments for lab in (0, 1) if (s, lab) not in by_key]
+        if missing:
+            raise DatasetError(
+                f"{strategy} sampling needs both labels in every data segment of split {split!r}; missing: "
+                f"{', '.join(missing)}. Merge or drop these segments (segment_keys), or use balanced_labels.")
+        keys = [(s, lab) for s in segments for lab in (0, 1)]
+        n_min = [min(by_key[(s, 0)][1], by_key[(s, 1)][1]) for s in segments]
+        weights = n_min if strategy == "periodic" else [1] * len(segments)
+        pattern = sampling_pattern(weights)
+        seg_seq = np.tile(pattern, 2)
+        labels = _alternating(seg_seq, len(segments), seed)
+        choices = (seg_seq * 2 + labels).astype(np.int32)
+        files = [by_key[k][0] for k in keys]
+        counts = [by_key[k][1] for k in keys]
+    elif strategy == "balanced_labels":
+        keys = [("*", 0), ("*", 1)]
+        for lab in (0, 1):
+            if not any(k[1] == lab for k in by_key):
+                raise DatasetError(f"balanced_labels sampling: split {split!r} has no image with label {lab}")
+        files = [[p for k, (ps, _) in sorted(by_key.items()) if k[1] == lab for p in ps] for lab in (0, 1)]
+        counts = [sum(c for k, (_, c) in by_key.items() if k[1] == lab) for lab in (0, 1)]
+        start = int(np.random.default_rng(seed).integers(0, 2))
+        choices = np.array([start, 1 - start], np.int32)
+    else:
+        keys = [("*", "*")]
+        files = [[p for _, (ps, _) in sorted(by_key.items()) for p in ps]]
+        counts = [sum(c for _, c in by_key.values())]
+        choices = np.zeros(1, np.int32)
+    return Plan(keys, files, counts, choices)
+
+
+def _stream(files: list[str], count: int, buffer: int, seed: int):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if len(files) > 1:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.flat_map(tf.data.TFRecordDataset)
+    ds = ds.shuffle(max(1, min(count, buffer)), seed=seed + 1, reshuffle_each_iteration=True)
+    return ds.repeat()
+
+
+def serialized_stream(plan: Plan, *, seed: int = 0, start: int = 0, shuffle_budget: int = 512):
+    """Infinite dataset of serialized records in plan order, beginning at sample ``start``."""
+    import tensorflow as tf
+
+    per_stream = max(2, shuffle_budget // len(plan.keys))
+    inputs = [_stream(f, c, per_stream, seed * 1000 + 17 * i + start) for i, (f, c) in enumerate(zip(plan.files, plan.counts))]
+    if len(inputs) == 1:
+        return inputs[0]
+    table = tf.constant(plan.choices, tf.int64)
+    period = len(plan.choices)
+    choice = tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(lambda i: tf.gather(table, i % period))
+    return tf.data.Dataset.choose_from_datasets(inputs, choice)
+
+
+def image_batches(data_dir, split: str, *, strategy: str, batch_size: int, seed: int = 0, start_step: int = 0,
+                  target_mean: float = 0.25, decode=None, shuffle_budget: int = 512):
+    """Batches ``(image float32 (b, h, w, 1), label int32 (b,))`` for training, infinite.
+
+    ``decode`` (optional) maps a parsed record dict to ``(x, y)`` instead of the whole-image default.
+    Returns ``(dataset, plan)``.
+    """
+    import tensorflow as tf
+
+    from mammodg.records.schema import model_input, parse
+
+    index = load_index(data_dir)
+    plan = make_plan(index, data_dir, split, strategy, seed)
+    ds = serialized_stream(plan, seed=seed, start=start_step * batch_size, shuffle_budget=shuffle_budget)
+
+    def whole_image(raw):
+        r = parse(raw)
+        return model_input(r["image"], target_mean), tf.cast(r["label"], tf.int32)
+
+    ds = ds.map(decode or whole_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds, plan
+
+
+def evaluation_records(data_dir, split: str, *, target_mean: float = 0.25, batch_size: int = 8):
+    """Every record of a split once, batched: (image, label, data_segment) for evaluation."""
+    import tensorflow as tf
+
+    from mammodg.records.reader import all_shards
+    from mammodg.records.schema import model_input, parse
+
+    index = load_index(data_dir)
+    files = sorted(all_shards(index, data_dir, split))
+
+    def decode(raw):
+        r = parse(raw)
+        return model_input(r["image"], target_mean), tf.cast(r["label"], tf.int32), r["data_segment"]
+
+    ds = tf.data.TFRecordDataset(files).map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
