@@ -53,6 +53,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
+STAGES = ("patch", "classifier")
+
+
+def _default_config(stage: str) -> Path | None:
+    path = Path(__file__).resolve().parent.parent / "configs" / "demo" / f"{stage}.yaml"
+    return path if path.is_file() else None
+
+
+def cmd_train(args) -> int:
+    from mammodg.config import TrainConfig, load
+    from mammodg.stages import vgg_stages
+
+    cfg = load(TrainConfig, args.config or _default_config(args.stage), args.set + [f"stage={args.stage}"])
+    vgg_stages.run(cfg)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mammodg.evaluate import evaluate_run
+
+    paths = evaluate_run(Path(args.run), split=args.split, n_boot=args.n_boot)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mammodg", description="Mammography training across hospitals and vendors.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,13 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("train", help="train a stage (configs/demo/<stage>.yaml by default)")
+    p.add_argument("--stage", required=True, choices=STAGES)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, bootstrap CIs, ROC and validation-curve figures of a run")
+    p.add_argument("--run", required=True, help="run folder of a classifier run")
+    p.add_argument("--split", default="val")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.set_defaults(func=cmd_evaluate)
+
     args = parser.parse_args(argv)
     from mammodg.config import ConfigError
     from mammodg.io.manifest import ManifestError
 
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, ValueError) as e:
+    except (ConfigError, ManifestError, ValueError, FileNotFoundError) as e:
         print(f"mammodg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -148,3 +148,32 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | None = None
 
 def save(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A training stage (``mammodg train --stage S``); paper defaults in configs/periodic_sampling/."""
+
+    stage: str = "classifier"
+    data_dir: str = "demo_run/tfrecords"
+    run_dir: str = ""  # default: runs/<stage>
+    train_split: str = "train"
+    val_split: str = "val"
+    strategy: str = "periodic"  # periodic | balanced_segments | balanced_labels | natural
+    batch_size: int = 24
+    steps: int = 150000
+    val_every: int = 1000
+    learning_rate: float = 1e-4
+    ema_momentum: float = 0.99
+    seed: int = 0
+    width: float = 1.0  # model width multiplier (small for tests and demos)
+    filters: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256, 256, 512])
+    patch_size: int = 224  # patch stage: crop size around lesions / healthy tissue
+    init_from: str = ""  # classifier stage: run folder of a patch run (its best backbone weights)
+    target_mean: float = 0.25  # must match the dataset's preprocess.target_mean
+    shuffle_budget: int = 512  # serialized records held in all stream shuffle buffers together
+    val_max_batches: int = 0  # 0 = the whole validation split
+    export: bool = True  # write a SavedModel of the best EMA weights at the end
+
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or f"runs/{self.stage}"

@@ -41,7 +41,7 @@ def merge_manifests(out: Path, *manifests: Path) -> Path:
     return out
 
 
-def build_demo_dataset(out: Path, *, patients: int = 24, styles: int = 3, scale: float = 0.5, progress: bool = True):
+def build_demo_dataset(out: Path, *, patients: int = 48, styles: int = 3, scale: float = 0.5, progress: bool = True):
     from mammodg.config import BuildConfig
     from mammodg.io.phantom import make_phantoms
     from mammodg.records.writer import build

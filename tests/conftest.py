@@ -30,3 +30,14 @@ def tiny_records(tmp_path_factory, phantoms):
     out = tmp_path_factory.mktemp("tiny_records")
     build(phantoms, out, BuildConfig(preprocess=PreprocessConfig(height=64, width=48), pseudonym_salt="t", workers=2, shard_size=8), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def vgg_records(tmp_path_factory, phantoms):
+    """The phantoms as 256x192 shards (192 is the smallest side the VGG-like classifier takes)."""
+    from mammodg.config import BuildConfig, PreprocessConfig
+    from mammodg.records.writer import build
+
+    out = tmp_path_factory.mktemp("vgg_records")
+    build(phantoms, out, BuildConfig(preprocess=PreprocessConfig(height=256, width=192), pseudonym_salt="t", workers=2), progress=False)
+    return out
