@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/build_tfrecords.py
 	$(PY) benchmarks/sampling_pattern.py
+	$(PY) benchmarks/pipeline.py
 
 clean:
 	rm -rf demo_run .pytest_cache benchmarks/results

@@ -9,7 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-DEMO_DIR = Path("demo_run")
+from mammodg.demo import DEMO_DATA
+
+DEMO_DIR = DEMO_DATA.parent
 
 
 def _add_config_args(p):
@@ -53,7 +55,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
-STAGES = ("patch", "classifier")
+from mammodg.stages import STAGE_MODULES
+
+STAGES = tuple(STAGE_MODULES)
 
 
 def _default_config(stage: str) -> Path | None:
@@ -62,11 +66,11 @@ def _default_config(stage: str) -> Path | None:
 
 
 def cmd_train(args) -> int:
+    from mammodg import stages
     from mammodg.config import TrainConfig, load
-    from mammodg.stages import vgg_stages
 
     cfg = load(TrainConfig, args.config or _default_config(args.stage), args.set + [f"stage={args.stage}"])
-    vgg_stages.run(cfg)
+    stages.run(args.stage, cfg)
     return 0
 
 

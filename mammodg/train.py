@@ -4,7 +4,8 @@ A stage hands over a :class:`Task` (how to build the model, the loss, the traini
 start step, and how to score a validation pass); the trainer does the rest:
 
 - ``MirroredStrategy`` over every visible GPU when there are several (one device: default strategy);
-- Adam with the optimizer's EMA of every trainable weight (``use_ema``, decay ``ema_momentum``);
+- the stage's optimizer (default Adam) with Keras' EMA of every trainable weight (``use_ema``, decay
+  ``ema_momentum``);
   validation and export use the EMA weights;
 - every ``val_every`` steps: validation, ``history.json``, TensorBoard scalars, ``best.weights.h5``
   when the monitored metric improves, and ``last.keras`` (weights + optimizer + EMA) with
@@ -39,6 +40,8 @@ class Task:
     validate: Callable[[object], dict]  # model -> {"monitor": float (lower is better), ...}
     learning_rate: float
     after_build: Callable[[object], None] | None = None  # e.g. load a pre-trained backbone (fresh runs only)
+    # optimizer factory taking Keras' EMA keywords (use_ema, ema_momentum); default: Adam(learning_rate)
+    optimizer: Callable[..., object] | None = None
 
 
 def distribution_strategy():
@@ -106,10 +109,9 @@ class Trainer:
     def _compile(self, model):
         import keras
 
-        model.compile(
-            optimizer=keras.optimizers.Adam(self.task.learning_rate, use_ema=True, ema_momentum=self.cfg.ema_momentum),
-            loss=self.task.loss,
-        )
+        ema = {"use_ema": True, "ema_momentum": self.cfg.ema_momentum}
+        opt = self.task.optimizer(**ema) if self.task.optimizer else keras.optimizers.Adam(self.task.learning_rate, **ema)
+        model.compile(optimizer=opt, loss=self.task.loss)
 
     def end_of_period(self, model, step, logs):
         import tensorflow as tf

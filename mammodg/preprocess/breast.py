@@ -39,6 +39,28 @@ class Preprocessed:
     breast_fraction: float  # share of the output image inside the mask
 
 
+def to_stored(v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[0, 1] values + mask -> the stored uint16 encoding (0 outside, 1 + round(v * 65534) inside)."""
+    return np.where(mask, 1 + np.round(np.clip(v, 0, 1) * (STORED_MAX - 1)), 0).astype(np.uint16)
+
+
+def from_stored(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored encoding -> (v float32 in [0, 1], 0 outside; mask bool)."""
+    mask = stored > 0
+    return np.where(mask, (stored.astype(np.float32) - 1) / (STORED_MAX - 1), 0).astype(np.float32), mask
+
+
+def resize_stored(stored: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Resize a stored image: values averaged over the mask only, the mask kept where it covers half a pixel."""
+    if stored.shape == (rows, cols):
+        return stored
+    v, mask = from_stored(stored)
+    m = resize(mask.astype(np.float32), rows, cols)
+    vm = resize(v * mask, rows, cols)
+    inside = m >= 0.5
+    return to_stored(np.divide(vm, m, out=np.zeros_like(vm), where=inside), inside)
+
+
 def resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """Antialiased bilinear resize of a float image (PIL scales its kernel when downsampling)."""
     return np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((cols, rows), Image.Resampling.BILINEAR))
@@ -153,7 +175,7 @@ def preprocess(
     values = img[mask]
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
     v = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    stored = np.where(mask, 1 + np.round(np.clip(v, 0, 1) * (STORED_MAX - 1)), 0).astype(np.uint16)
+    stored = to_stored(v, mask)
 
     clipped = np.clip(b, 0, [width, height, width, height]).astype(np.float32)
     kept = ((clipped[:, 2] - clipped[:, 0]) >= 1) & ((clipped[:, 3] - clipped[:, 1]) >= 1)

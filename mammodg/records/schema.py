@@ -73,14 +73,14 @@ def _feature(kind: str, values) -> bytes:
     return _ld(3, _ld(1, packed) if values else b"")
 
 
-def encode_example(features: dict) -> bytes:
-    """Serialize a mapping (keys from FIELDS) as a tf.train.Example, keys sorted (deterministic)."""
-    unknown = set(features) - set(FIELDS)
+def encode_example(features: dict, fields: dict = FIELDS) -> bytes:
+    """Serialize a mapping (keys from ``fields``) as a tf.train.Example, keys sorted (deterministic)."""
+    unknown = set(features) - set(fields)
     if unknown:
-        raise KeyError(f"not in mammodg.records.schema.FIELDS: {sorted(unknown)}")
+        raise KeyError(f"not in the record schema: {sorted(unknown)}")
     body = b""
     for name in sorted(features):
-        kind, is_list = FIELDS[name]
+        kind, is_list = fields[name]
         values = list(features[name]) if is_list else [features[name]]
         entry = _ld(1, name.encode()) + _ld(2, _feature(kind, values))
         body += _ld(1, entry)
@@ -89,25 +89,30 @@ def encode_example(features: dict) -> bytes:
 
 # --- TensorFlow side ---
 
-def feature_spec():
+def feature_spec(fields: dict = FIELDS):
     import tensorflow as tf
 
     dtype = {"bytes": tf.string, "int": tf.int64, "float": tf.float32}
     default = {"bytes": "", "int": 0, "float": 0.0}
     return {
         name: tf.io.VarLenFeature(dtype[kind]) if is_list else tf.io.FixedLenFeature([], dtype[kind], default_value=default[kind])
-        for name, (kind, is_list) in FIELDS.items()
+        for name, (kind, is_list) in fields.items()
     }
+
+
+def parse_fields(serialized, fields: dict):
+    """Parse one serialized record of schema ``fields``: lists dense, scalars as they are."""
+    import tensorflow as tf
+
+    ex = tf.io.parse_single_example(serialized, feature_spec(fields))
+    return {name: tf.sparse.to_dense(ex[name]) if is_list else ex[name] for name, (_, is_list) in fields.items()}
 
 
 def parse(serialized, decode_image: bool = True):
     """Parse one serialized record; ``image`` becomes a (h, w, 1) uint16 tensor, boxes a (n, 4) float32."""
     import tensorflow as tf
 
-    ex = tf.io.parse_single_example(serialized, feature_spec())
-    out = {}
-    for name, (kind, is_list) in FIELDS.items():
-        out[name] = tf.sparse.to_dense(ex[name]) if is_list else ex[name]
+    out = parse_fields(serialized, FIELDS)
     out["boxes"] = tf.stack([out.pop(f"boxes/{k}") for k in ("x_min", "y_min", "x_max", "y_max")], axis=-1)
     out["lesion_class"] = out.pop("boxes/lesion_class")
     out["lesion_birads"] = out.pop("boxes/birads")

@@ -173,7 +173,12 @@ def _run(tasks: list[Task], workers: int, progress: bool) -> None:
     bar.close()
 
 
-def _write_shards(out: Path, metas: list[dict], cache: Path, shard_size: int) -> dict:
+def write_shards(out: Path, metas: list[dict], read, shard_size: int) -> dict:
+    """Group records by (split, segment, label), write shards atomically, return the ``splits`` index.
+
+    ``metas`` need ``split``, ``segment``, ``label``, ``patient`` and ``line`` (the order inside a shard);
+    ``read(meta)`` returns the serialized record. Shards of an earlier build not rewritten are removed.
+    """
     import tensorflow as tf
 
     groups: dict[tuple, list[dict]] = collections.defaultdict(list)
@@ -193,7 +198,7 @@ def _write_shards(out: Path, metas: list[dict], cache: Path, shard_size: int) ->
             tmp = folder / f".{path.name}.tmp"
             with tf.io.TFRecordWriter(str(tmp)) as w:
                 for m in part:
-                    w.write((cache / f"{m['key']}.rec").read_bytes())
+                    w.write(read(m))
             os.replace(tmp, path)
             written.add(path)
             shards.append({"path": str(path.relative_to(out)), "count": len(part)})
@@ -227,7 +232,7 @@ def build(manifest: str | Path, out: str | Path, cfg: BuildConfig | None = None,
         {"line": m["line"], "image_path": m["image_path"], "reason": m["reason"], "detail": m["detail"]}
         for m in metas if m["status"] != "ok"]
     rejected.sort(key=lambda r: r["line"])
-    splits = _write_shards(out, ok, cache, cfg.shard_size)
+    splits = write_shards(out, ok, lambda m: (cache / f"{m['key']}.rec").read_bytes(), cfg.shard_size)
     t2 = time.perf_counter()
 
     with open(out / f".{REJECTS_NAME}.tmp", "w", newline="") as f:

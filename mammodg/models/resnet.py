@@ -1,0 +1,54 @@
+"""ResNet-50 encoder with a projection head for contrastive pre-training (MSVCL v2 section IV-B).
+
+The backbone is ``keras.applications.ResNet50`` with a 1-channel input and global average pooling
+(2048 features). Nothing is ever downloaded: ``weights`` is None (random) or the path of a local
+ImageNet weights file for the 3-channel network; its first convolution is converted to one channel
+by summing the kernel over RGB (a grey image x gives the same response as the RGB image (x, x, x)).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+from mammodg.models import register
+
+BACKBONE_NAME = "backbone"
+
+
+@register("resnet50_backbone")
+def resnet50_backbone(input_shape=(None, None, 1), weights: str | None = None, name: str = BACKBONE_NAME):
+    """(h, w, 1) image -> 2048 pooled features."""
+    model = keras.applications.ResNet50(include_top=False, weights=None, input_shape=tuple(input_shape),
+                                        pooling="avg", name=name)
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"contrastive.weights: {path} not found (ImageNet weights are never downloaded)")
+        rgb = keras.applications.ResNet50(include_top=False, weights=str(path), input_shape=(224, 224, 3), pooling="avg")
+        for src, dst in zip(rgb.layers, model.layers):
+            values = src.get_weights()
+            if values and dst.name == "conv1_conv":
+                values[0] = values[0].sum(axis=2, keepdims=True)
+            if values:
+                dst.set_weights(values)
+    return model
+
+
+@register("contrastive_model")
+def contrastive_model(input_shape=(512, 384, 1), projection_dim: int = 128, hidden_dim: int = 2048,
+                      weights: str | None = None):
+    """Two views ``{"view1", "view2"}`` -> projections stacked as (b, 2, projection_dim).
+
+    Both views go through the same backbone and the same MLP projection head (Dense-ReLU-Dense, SimCLR).
+    """
+    backbone = resnet50_backbone(input_shape, weights)
+    head = keras.Sequential([keras.layers.Dense(hidden_dim, activation="relu"), keras.layers.Dense(projection_dim)],
+                            name="projection")
+    inputs = {k: keras.Input(tuple(input_shape), name=k) for k in ("view1", "view2")}
+    zs = [keras.layers.Reshape((1, projection_dim))(head(backbone(inputs[k]))) for k in ("view1", "view2")]
+    return keras.Model(inputs, keras.layers.Concatenate(axis=1)(zs), name="contrastive")
+
+
+def backbone_of(model) -> keras.Model:
+    return model.get_layer(BACKBONE_NAME)

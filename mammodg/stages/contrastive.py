@@ -1,0 +1,294 @@
+"""``--stage contrastive``: multi-style / multi-view contrastive pre-training (MSVCL v2 sections III-A/B).
+
+Positive pairs, per ``contrastive.method`` (each side then gets its own random augmentation):
+
+- ``simclr``: one image (a random view of the breast, its own style) twice;
+- ``mscl``: one image (random view) in two styles or blends of styles (eq. 2, alpha in {0, 0.1, .., 1});
+- ``mvcl``: the CC and the MLO view of the same breast, own style;
+- ``msvcl``: the CC and the MLO view of the same breast, each in a random style or blend.
+
+A batch holds N different breasts; ``view1`` of every pair is the CC (MVCL/MSVCL) so the negatives
+of an anchor include the same view of the other patients. Breasts with one view give a same-view pair.
+
+Augmentations (section IV-B): random crop (area ``crop_scale``, aspect 3/4..4/3) resized to
+``input_size``, rotation within +/- ``rotation_deg``, horizontal flip, intensity jitter of strength
+``jitter`` (brightness and contrast factors in [1 - 0.8 s, 1 + 0.8 s], as SimCLR's colour jitter).
+Randomness is stateless, seeded by (seed, sample index), so a resumed run draws what an uninterrupted
+one would have.
+
+Optimiser: LARS is not in Keras; we use SGD (momentum 0.9, weight decay ``contrastive.weight_decay``)
+with a cosine schedule (optional linear warm-up) and SimCLR's linear scaling: the peak rate is
+``learning_rate * batch_size / 256`` (the paper's 0.3 at batch 256). EMA, validation (NT-Xent and
+positive-retrieval accuracy on the validation breasts), checkpoints and resume come from the shared
+trainer. The backbone is written as ``backbone.weights.h5`` and as a SavedModel ``saved_model/``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mammodg.config import TrainConfig
+from mammodg.train import Task, Trainer
+
+METHODS = ("simclr", "mscl", "mvcl", "msvcl")
+
+
+def _uniform(seed, shape=(), lo=0.0, hi=1.0):
+    import tensorflow as tf
+
+    return tf.random.stateless_uniform(shape, seed, lo, hi)
+
+
+def _randint(seed, n):
+    import tensorflow as tf
+
+    return tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int32)
+
+
+def choose(n_views, n_styles, method: str, seed):
+    """What a pair is made of: views (v1, v2) and, per side, styles (a, b) blended with alpha (eq. 2)."""
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(seed, 7)
+    if method in ("mvcl", "msvcl"):  # CC with MLO of the same breast (same view twice if only one)
+        v1, v2 = tf.constant(0), tf.minimum(1, n_views - 1)
+    else:  # one random view of the breast, twice
+        v1 = v2 = _randint(s[0], n_views)
+    out = {"view1": v1, "view2": v2}
+    for side, k in (("1", 1), ("2", 4)):
+        if method in ("mscl", "msvcl"):
+            a, b = _randint(s[k], n_styles), _randint(s[k + 1], n_styles)
+            alpha = tf.cast(_randint(s[k + 2], 11), tf.float32) / 10.0
+        else:
+            a, b, alpha = tf.constant(0), tf.constant(0), tf.constant(0.0)
+        out.update({f"style{side}_a": a, f"style{side}_b": b, f"alpha{side}": alpha})
+    return out
+
+
+def _styled(images, n_styles, view, a, b, alpha):
+    """The stored image of ``view`` as ``style_a * (1 - alpha) + style_b * alpha`` (eq. 2)."""
+    import tensorflow as tf
+
+    def decode(i):
+        return tf.cast(tf.io.decode_png(images[view * n_styles + i], channels=1, dtype=tf.uint16), tf.float32)
+
+    return tf.cond(tf.equal(a, b) | tf.equal(alpha, 0.0), lambda: decode(a),
+                   lambda: decode(a) * (1.0 - alpha) + decode(b) * alpha)
+
+
+def _rotate(x, angle):
+    """Rotate (h, w, 1) about its centre; pixels from outside the image are 0 (outside the breast)."""
+    import tensorflow as tf
+
+    h, w = tf.cast(tf.shape(x)[0], tf.float32), tf.cast(tf.shape(x)[1], tf.float32)
+    cx, cy, c, s = (w - 1) / 2, (h - 1) / 2, tf.cos(angle), tf.sin(angle)
+    transform = tf.stack([c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy, 0.0, 0.0])[None]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x[None], transforms=transform, output_shape=tf.shape(x)[:2], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+
+
+def augment(stored, seed, cfg: TrainConfig):
+    """Stored-encoding float image (h, w, 1) -> augmented model input ``input_size`` (section IV-B)."""
+    import tensorflow as tf
+
+    from mammodg.records.schema import model_input
+
+    c = cfg.contrastive
+    s = tf.random.experimental.stateless_split(seed, 7)
+    x = _rotate(stored, _uniform(s[0], (), -c.rotation_deg, c.rotation_deg) * math.pi / 180)
+    area = _uniform(s[1], (), *c.crop_scale)
+    ratio = tf.clip_by_value(tf.exp(_uniform(s[2], (), math.log(3 / 4), math.log(4 / 3))), area, 1 / area)  # crop fits
+    ch, cw = tf.sqrt(area * ratio), tf.sqrt(area / ratio)  # fractions of the image height and width
+    y0, x0 = _uniform(s[3]) * (1 - ch), _uniform(s[4]) * (1 - cw)
+    x = tf.image.crop_and_resize(x[None], [[y0, x0, y0 + ch, x0 + cw]], [0], c.input_size)[0]
+    x = model_input(tf.where(x >= 1.0, x, 0.0), cfg.target_mean)  # bilinear edge blur stays outside
+    x = tf.cond(_uniform(s[5]) < 0.5, lambda: tf.image.flip_left_right(x), lambda: x)
+    bc = _uniform(s[6], (2,), 1 - 0.8 * c.jitter, 1 + 0.8 * c.jitter)
+    x = x * bc[0]
+    mean = tf.reduce_mean(x)
+    return (x - mean) * bc[1] + mean  # not clipped: the outside constant of model_input may lie outside [0, 1]
+
+
+def pair_decoder(cfg: TrainConfig):
+    """(sample index, serialized pair record) -> ({"view1", "view2"}, 0) per ``contrastive.method``."""
+    import tensorflow as tf
+
+    from mammodg.records.pairs import parse_pair
+
+    method = cfg.contrastive.method
+    if method not in METHODS:
+        raise ValueError(f"contrastive.method must be one of {METHODS}, got {method!r}")
+    h, w = cfg.contrastive.input_size
+
+    def decode(i, raw):
+        r = parse_pair(raw)
+        n_styles = tf.size(r["styles"])
+        seeds = tf.random.experimental.stateless_split(tf.stack([tf.cast(cfg.seed, tf.int64), i]), 3)
+        c = choose(tf.size(r["views"]), n_styles, method, seeds[0])
+        views = {}
+        for side, seed in (("1", seeds[1]), ("2", seeds[2])):
+            img = _styled(r["images"], n_styles, c[f"view{side}"], c[f"style{side}_a"], c[f"style{side}_b"], c[f"alpha{side}"])
+            views[f"view{side}"] = tf.ensure_shape(augment(img, seed, cfg), [h, w, 1])
+        return views, tf.constant(0.0)
+
+    return decode
+
+
+def pairs_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.contrastive.pairs_dir or Path(cfg.resolved_run_dir()).parent / "pairs")
+
+
+def contrastive_batches(cfg: TrainConfig, start_step: int = 0):
+    """Infinite training batches of pairs, sampled by ``cfg.strategy`` over the pair records' segments."""
+    import tensorflow as tf
+
+    from mammodg.records.reader import load_index
+    from mammodg.sampling.streams import make_plan, serialized_stream
+
+    data = pairs_dir(cfg)
+    plan = make_plan(load_index(data), data, cfg.train_split, cfg.strategy, cfg.seed)
+    start = start_step * cfg.batch_size
+    ds = serialized_stream(plan, seed=cfg.seed, start=start, shuffle_budget=cfg.shuffle_budget)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, np.iinfo(np.int64).max), ds)
+    ds = ds.map(pair_decoder(cfg), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def validation_batches(cfg: TrainConfig):
+    """The validation breasts once, with fixed augmentations (same draws at every validation)."""
+    import tensorflow as tf
+
+    from mammodg.records.reader import all_shards, load_index
+
+    data = pairs_dir(cfg)
+    index = load_index(data)
+    files = sorted(all_shards(index, data, cfg.val_split))
+    count = sum(e["count"] for seg in index["splits"][cfg.val_split].values() for e in seg.values())
+    ds = tf.data.Dataset.zip(tf.data.Dataset.range(10**12, 10**12 + count), tf.data.TFRecordDataset(files))
+    ds = ds.map(pair_decoder(cfg), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(max(2, min(cfg.batch_size, count)), drop_remainder=True)
+
+
+def _validate(cfg: TrainConfig):
+    import keras
+
+    from mammodg.losses import nt_xent_per_anchor
+
+    def validate(model):
+        losses, hits = [], []
+        for i, (x, _) in enumerate(validation_batches(cfg)):
+            if cfg.val_max_batches and i >= cfg.val_max_batches:
+                break
+            z = model(x, training=False)
+            losses.append(keras.ops.convert_to_numpy(nt_xent_per_anchor(z[:, 0], z[:, 1], cfg.contrastive.temperature)))
+            hits.append(_retrieval_hits(keras.ops.convert_to_numpy(z)))
+        if not losses:
+            raise ValueError(f"validation split {cfg.val_split!r} of {pairs_dir(cfg)} has fewer than 2 breasts")
+        loss, acc = float(np.concatenate(losses).mean()), float(np.concatenate(hits).mean())
+        return {"global": {"nt_xent": loss, "positive_top1": acc}, "monitor": loss}
+
+    return validate
+
+
+def _retrieval_hits(z: np.ndarray) -> np.ndarray:
+    """For each of the 2N samples: is its most similar other sample its positive?"""
+    n = len(z)
+    flat = np.concatenate([z[:, 0], z[:, 1]])
+    flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    sim = flat @ flat.T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.argmax(1) == (np.arange(2 * n) + n) % (2 * n)
+
+
+def _optimizer(cfg: TrainConfig):
+    import keras
+
+    def make(**ema):
+        peak = cfg.learning_rate * cfg.batch_size / 256
+        c = cfg.contrastive
+        decay = max(1, cfg.steps - c.warmup_steps)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0 if c.warmup_steps else peak, decay, warmup_target=peak if c.warmup_steps else None,
+            warmup_steps=c.warmup_steps)
+        return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=c.weight_decay or None, **ema)
+
+    return make
+
+
+def contrastive_task(cfg: TrainConfig) -> Task:
+    from mammodg import models
+    from mammodg.losses import NTXent
+    from mammodg.models import resnet  # noqa: F401  (registers the ResNet builders)
+
+    c = cfg.contrastive
+    return Task(
+        build_model=lambda: models.build("contrastive_model", input_shape=(*c.input_size, 1),
+                                         projection_dim=c.projection_dim, hidden_dim=c.hidden_dim,
+                                         weights=c.weights or None),
+        loss=NTXent(c.temperature),
+        batches=lambda start: contrastive_batches(cfg, start),
+        validate=_validate(cfg), learning_rate=cfg.learning_rate, optimizer=_optimizer(cfg))
+
+
+def prepare(cfg: TrainConfig) -> Path:
+    """Make sure the pair records exist: build them (and, for the demo, the dataset and CycleGAN run)."""
+    from mammodg.config import load
+    from mammodg.records.pairs import build_pairs, format_pairs_summary
+    from mammodg.records.writer import INDEX_NAME
+
+    out = pairs_dir(cfg)
+    c = cfg.contrastive
+    multi_style = c.method in ("mscl", "msvcl")
+    if (out / INDEX_NAME).is_file():
+        if not (multi_style and c.cyclegan_run and not json.loads((out / INDEX_NAME).read_text())["seen_styles"]):
+            return out
+        print(f"{out} holds no style transfers but {c.method} needs them: rebuilding it", flush=True)
+    if not (Path(cfg.data_dir) / INDEX_NAME).is_file():
+        from mammodg.demo import DEMO_DATA, build_demo_dataset
+
+        if Path(cfg.data_dir) != DEMO_DATA:
+            raise FileNotFoundError(f"data_dir: {Path(cfg.data_dir) / INDEX_NAME} not found; build it with "
+                                    "mammodg build-tfrecords")
+        print("demo dataset missing: building it (real CBIS-DDSM cases + phantoms)", flush=True)
+        build_demo_dataset(DEMO_DATA.parent)
+    if multi_style and c.cyclegan_run and not (Path(c.cyclegan_run) / "styles.json").is_file():
+        if not c.cyclegan_config:
+            raise FileNotFoundError(f"contrastive.cyclegan_run: {c.cyclegan_run}/styles.json not found; train it "
+                                    "(mammodg train --stage cyclegan) or set contrastive.cyclegan_config")
+        from mammodg.stages import run as run_stage
+
+        print(f"CycleGAN run {c.cyclegan_run} missing: training it with {c.cyclegan_config}", flush=True)
+        gan_cfg = load(TrainConfig, c.cyclegan_config, ["stage=cyclegan", f"run_dir={c.cyclegan_run}",
+                                                        f"data_dir={cfg.data_dir}"])
+        run_stage("cyclegan", gan_cfg)
+    transfer = None
+    if multi_style and c.cyclegan_run:
+        from mammodg.stages.cyclegan import StyleTransfer
+
+        transfer = StyleTransfer.load(c.cyclegan_run)
+    elif multi_style:
+        print("warning: multi-style method without contrastive.cyclegan_run: every image keeps its own style only",
+              flush=True)
+    index = build_pairs(cfg.data_dir, out, transfer=transfer, size=tuple(c.pair_size) or None)
+    print(format_pairs_summary(index), flush=True)
+    return out
+
+
+def run(cfg: TrainConfig):
+    from mammodg.models.resnet import backbone_of
+
+    prepare(cfg)
+    model = Trainer(cfg, cfg.resolved_run_dir(), contrastive_task(cfg)).run()
+    run_dir = Path(cfg.resolved_run_dir())
+    backbone = backbone_of(model)
+    backbone.save_weights(run_dir / "backbone.weights.h5")
+    print(f"backbone weights (best EMA): {run_dir / 'backbone.weights.h5'}", flush=True)
+    if cfg.export:
+        backbone.export(str(run_dir / "saved_model"), format="tf_saved_model", verbose=False)
+        print(f"backbone SavedModel: {run_dir / 'saved_model'}", flush=True)
+    print(f"run folder: {run_dir}", flush=True)
+    return model

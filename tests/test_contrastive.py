@@ -1,0 +1,178 @@
+"""Pair records and pair builders of the contrastive stage (MSVCL v2 III-B), end to end on phantoms."""
+import collections
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mammodg.config import TrainConfig
+from mammodg.preprocess.breast import from_stored, to_stored
+from mammodg.records.pairs import build_pairs, parse_pair
+from mammodg.records.reader import all_shards, load_index
+from mammodg.records.schema import model_input, parse
+from mammodg.stages.contrastive import augment, choose, pair_decoder
+
+
+class GammaTransfer:
+    """A stand-in for the CycleGAN generators: style k is v ** (k + 2) / 1.5 (deterministic, testable)."""
+
+    def __init__(self, styles):
+        self.styles = styles
+
+    def __call__(self, v, dst):
+        return np.power(v, self.styles.index(dst) + 2) / 1.5
+
+    def transfer(self, images01, masks, src, dst):
+        return np.where(masks, self(images01, dst), 0).astype(np.float32)
+
+
+def _records(data_dir, fn):
+    index = load_index(data_dir)
+    return [fn(raw) for split in index["splits"] for raw in tf.data.TFRecordDataset(sorted(all_shards(index, data_dir, split)))]
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_records, tmp_path_factory):
+    styles = sorted(load_index(tiny_records)["segments"])[:2]  # two seen styles; the third keeps its own only
+    out = tmp_path_factory.mktemp("pairs")
+    build_pairs(tiny_records, out, transfer=GammaTransfer(styles), progress=False)
+    return out, styles
+
+
+def _source_images(tiny_records):
+    def meta(raw):
+        r = parse(raw)
+        return (r["image_id"].numpy().decode(), {k: r[k].numpy().decode() for k in ("patient", "laterality", "view", "data_segment")}
+                | {"image": r["image"].numpy()[..., 0]})
+    return dict(_records(tiny_records, meta))
+
+
+def test_pair_records_group_breasts_and_hold_every_seen_style(tiny_records, pairs):
+    out, styles = pairs
+    src = _source_images(tiny_records)
+    recs = _records(out, lambda raw: {k: v.numpy() for k, v in parse_pair(raw).items()})
+    index = load_index(out)
+    assert index["kind"] == "pairs" and index["records"] == len(recs)
+    used = collections.Counter()
+    for r in recs:
+        ids = [i.decode() for i in r["image_ids"]]
+        views = [v.decode() for v in r["views"]]
+        metas = [src[i] for i in ids]
+        used.update(ids)
+        assert {m["patient"] for m in metas} == {r["patient"].decode()}  # same patient ...
+        assert {m["laterality"] for m in metas} == {r["laterality"].decode()}  # ... and breast
+        assert [m["view"] for m in metas] == views
+        if len(views) == 2:
+            assert views == ["CC", "MLO"]
+        seg = r["data_segment"].decode()
+        rec_styles = [s.decode() for s in r["styles"]]
+        assert rec_styles[0] == seg
+        assert rec_styles == ([seg] + [s for s in styles if s != seg] if seg in styles else [seg])
+        pngs = r["images"].reshape(len(views), len(rec_styles))
+        for v, meta in enumerate(metas):
+            own = tf.io.decode_png(pngs[v, 0], dtype=tf.uint16).numpy()[..., 0]
+            np.testing.assert_array_equal(own, meta["image"])  # the source image, exactly
+            val, mask = from_stored(meta["image"])
+            for k, dst in enumerate(rec_styles[1:], start=1):
+                styled = tf.io.decode_png(pngs[v, k], dtype=tf.uint16).numpy()[..., 0]
+                np.testing.assert_array_equal(styled, to_stored(GammaTransfer(styles)(val, dst), mask))
+    assert set(used) == set(src) and max(used.values()) == 1  # every image in exactly one breast record
+    assert index["stats"]["both_views"] >= 0.8 * index["records"]
+
+
+@pytest.mark.parametrize("method", ["simclr", "mscl", "mvcl", "msvcl"])
+def test_choose_follows_each_methods_definition(method):
+    draws = [{k: v.numpy() for k, v in choose(tf.constant(2), tf.constant(3), method, tf.constant([7, i], tf.int64)).items()}
+             for i in range(200)]
+    views = np.array([(d["view1"], d["view2"]) for d in draws])
+    styles = np.array([(d["style1_a"], d["style1_b"], d["style2_a"], d["style2_b"]) for d in draws])
+    alphas = np.array([(d["alpha1"], d["alpha2"]) for d in draws])
+    if method in ("mvcl", "msvcl"):  # CC with MLO of the same breast
+        assert (views == [0, 1]).all()
+    else:  # the same image twice, any view
+        assert (views[:, 0] == views[:, 1]).all() and set(views[:, 0]) == {0, 1}
+    if method in ("mscl", "msvcl"):  # styles and blends vary
+        assert set(styles.ravel()) == {0, 1, 2}
+        assert set(np.round(alphas.ravel() * 10).astype(int)) == set(range(11))
+        differ = (styles[:, 0] != styles[:, 2]) | (styles[:, 1] != styles[:, 3]) | (alphas[:, 0] != alphas[:, 1])
+        assert differ.mean() > 0.8  # the two sides are (nearly always) different styles of one image
+    else:
+        assert (styles == 0).all() and (alphas == 0).all()
+    one_view = choose(tf.constant(1), tf.constant(1), method, tf.constant([1, 2], tf.int64))
+    assert int(one_view["view1"]) == int(one_view["view2"]) == 0
+
+
+def _cfg(**contrastive):
+    cfg = TrainConfig(stage="contrastive", batch_size=4)
+    for k, v in contrastive.items():
+        setattr(cfg.contrastive, k, v)
+    return cfg
+
+
+def test_decoder_renders_the_chosen_styles_and_views(pairs):
+    """With augmentation off, each side is exactly model_input of the chosen blend (maybe mirrored)."""
+    out, styles = pairs
+    cfg = _cfg(method="msvcl", rotation_deg=0.0, crop_scale=[1.0, 1.0], jitter=0.0, input_size=[64, 48])
+    raws = list(tf.data.TFRecordDataset(sorted(all_shards(load_index(out), out, "train"))).take(6))
+    decode = pair_decoder(cfg)
+    for i, raw in enumerate(raws):
+        views, _ = decode(tf.constant(i, tf.int64), raw)
+        r = parse_pair(raw)
+        seeds = tf.random.experimental.stateless_split(tf.constant([cfg.seed, i], tf.int64), 3)
+        c = choose(tf.size(r["views"]), tf.size(r["styles"]), "msvcl", seeds[0])
+        n_styles = int(tf.size(r["styles"]))
+        for side in ("1", "2"):
+            v = int(c[f"view{side}"])
+            a, b, alpha = int(c[f"style{side}_a"]), int(c[f"style{side}_b"]), float(c[f"alpha{side}"])
+            img = [tf.io.decode_png(r["images"][v * n_styles + k], dtype=tf.uint16).numpy().astype(np.float32) for k in (a, b)]
+            ref = model_input(img[0] * (1 - alpha) + img[1] * alpha, cfg.target_mean).numpy()
+            got = views[f"view{side}"].numpy()
+            err = min(np.abs(got - ref).max(), np.abs(got - ref[:, ::-1]).max())
+            assert err < 1e-4
+
+
+def test_augment_keeps_shape_and_varies_by_seed(pairs):
+    out, _ = pairs
+    cfg = _cfg(input_size=[40, 32])
+    raw = next(iter(tf.data.TFRecordDataset(sorted(all_shards(load_index(out), out, "train")))))
+    img = tf.cast(tf.io.decode_png(parse_pair(raw)["images"][0], dtype=tf.uint16), tf.float32)
+    xs = [augment(img, tf.constant([0, i], tf.int64), cfg).numpy() for i in range(4)]
+    assert all(x.shape == (40, 32, 1) and np.isfinite(x).all() for x in xs)
+    assert min(np.abs(a - b).mean() for a, b in zip(xs, xs[1:])) > 1e-3
+    np.testing.assert_array_equal(xs[0], augment(img, tf.constant([0, 0], tf.int64), cfg).numpy())  # seeded
+
+
+def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp_path):
+    from mammodg.cli import main
+
+    out, _ = pairs
+    run = tmp_path / "run"
+    args = ["train", "--stage", "contrastive", "--set", f"data_dir={tiny_records}", "--set", f"run_dir={run}",
+            "--set", f"contrastive.pairs_dir={out}", "--set", "contrastive.method=msvcl",
+            "--set", "contrastive.input_size=[32,32]", "--set", "contrastive.hidden_dim=32",
+            "--set", "batch_size=4", "--set", "steps=4", "--set", "val_every=2", "--set", "strategy=natural",
+            "--set", "val_max_batches=2"]
+    assert main(args) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4] and all(np.isfinite(h["global"]["nt_xent"]) for h in history)
+    assert (run / "backbone.weights.h5").is_file() and (run / "saved_model" / "saved_model.pb").is_file()
+    # the SavedModel, reloaded in a fresh process, gives the Keras backbone's embeddings
+    x = np.random.default_rng(0).uniform(size=(3, 32, 32, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf
+        m = tf.saved_model.load({str(run / 'saved_model')!r})
+        np.save({str(tmp_path / 'y.npy')!r}, m.serve(tf.constant(np.load({str(tmp_path / 'x.npy')!r}))).numpy())
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    from mammodg.models.resnet import resnet50_backbone
+
+    backbone = resnet50_backbone((32, 32, 1))
+    backbone.load_weights(run / "backbone.weights.h5")
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), backbone.predict(x, verbose=0), atol=1e-5)
+    assert main(args) == 0  # a finished run is not retrained
+    assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [2, 4]
