@@ -44,6 +44,20 @@ def cmd_phantoms(args) -> int:
     return 0
 
 
+def cmd_pairs(args) -> int:
+    from mammodg.records.pairs import build_pairs, format_pairs_summary
+
+    transfer = None
+    if args.cyclegan:
+        from mammodg.stages.cyclegan import StyleTransfer
+
+        transfer = StyleTransfer.load(args.cyclegan)
+    index = build_pairs(args.data, args.out, transfer=transfer, size=tuple(args.size) if args.size else None,
+                        progress=not args.quiet)
+    print(format_pairs_summary(index))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The embedded default: real + synthetic mammograms -> TFRecords -> dataset summary."""
     from mammodg.demo import build_demo_dataset
@@ -75,9 +89,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from mammodg.evaluate import evaluate_run
+    from mammodg.config import TrainConfig, load
+    from mammodg.evaluate import evaluate_contrastive, evaluate_run
 
-    paths = evaluate_run(Path(args.run), split=args.split, n_boot=args.n_boot)
+    run = Path(args.run)
+    stage = args.stage or (load(TrainConfig, run / "config.yaml").stage if (run / "config.yaml").is_file() else "classifier")
+    if stage == "contrastive":
+        paths = evaluate_contrastive(run, split=args.split)
+    else:
+        paths = evaluate_run(run, split=args.split, n_boot=args.n_boot)
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
@@ -105,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_phantoms)
 
+    p = sub.add_parser("build-pairs", help="image shards -> breast-level pair records (CC+MLO, every seen style)")
+    p.add_argument("--data", required=True, help="image records folder (mammodg build-tfrecords)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cyclegan", help="run folder of a cyclegan stage: add its style transfers")
+    p.add_argument("--size", type=int, nargs=2, metavar=("ROWS", "COLS"), help="resize the images (default: as built)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_pairs)
+
     p = sub.add_parser("demo", help="run the embedded demo on bundled real and synthetic mammograms")
     p.add_argument("--out", default=str(DEMO_DIR))
     p.add_argument("--quiet", action="store_true")
@@ -115,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics, bootstrap CIs, ROC and validation-curve figures of a run")
-    p.add_argument("--run", required=True, help="run folder of a classifier run")
+    p = sub.add_parser("evaluate", help="classifier: metrics, bootstrap CIs, ROC, validation curves; contrastive: style invariance")
+    p.add_argument("--run", required=True, help="run folder of a classifier or contrastive run")
+    p.add_argument("--stage", choices=("classifier", "contrastive"), help="default: the run's own stage")
     p.add_argument("--split", default="val")
     p.add_argument("--n-boot", type=int, default=2000)
     p.set_defaults(func=cmd_evaluate)

@@ -87,6 +87,8 @@ def _coerce(value: Any, tp, where: str):
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is str and value is None:  # `--set key=` (empty YAML value) clears a string field
+        return ""
     if tp in (int, float, str):
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():

@@ -25,3 +25,10 @@ def test_errors_name_the_field(override, field):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load(BuildConfig, "nope.yaml")
+
+
+def test_empty_override_clears_a_string_field():
+    from mammodg.config import TrainConfig, load
+
+    assert load(TrainConfig, None, ["init_from=runs/p"]).init_from == "runs/p"
+    assert load(TrainConfig, None, ["init_from="]).init_from == ""

@@ -176,3 +176,17 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), backbone.predict(x, verbose=0), atol=1e-5)
     assert main(args) == 0  # a finished run is not retrained
     assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [2, 4]
+
+
+def test_linear_probe_sees_style_only_when_embeddings_carry_it():
+    from mammodg.evaluate import linear_probe_accuracy
+
+    rng = np.random.default_rng(0)
+    styles = np.repeat(np.array(["A", "B", "C"]), 40)
+    noise = rng.normal(size=(120, 16))
+    carrying = noise + 6 * np.eye(16)[np.repeat([0, 1, 2], 40)]
+    assert linear_probe_accuracy(carrying, styles)["accuracy"] > 0.95
+    blind = linear_probe_accuracy(noise, styles)
+    assert blind["accuracy"] < 0.55 and blind["chance"] == pytest.approx(1 / 3)
+    lone = linear_probe_accuracy(noise[:81], np.append(styles[:80], "D"))  # a style with 1 image is dropped
+    assert lone["dropped_styles"] == ["D"] and lone["images"] == 80

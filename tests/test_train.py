@@ -46,13 +46,15 @@ def test_patch_then_classifier_then_evaluate(vgg_records, tmp_path):
 
 def test_killed_classifier_run_resumes(vgg_records, tmp_path):
     run = tmp_path / "cls"
-    args = ["train", "--stage", "classifier", *_common(vgg_records, run), "--set", "steps=6", "--set", "val_every=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "mammodg.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["train", "--stage", "classifier", *_common(vgg_records, run), "--set", "steps=6", "--set", "val_every=2",
+            "--set", "init_from="]  # from scratch (the demo config's patch run need not exist)
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mammodg.cli", *args], stdout=log, stderr=subprocess.STDOUT)
     state = run / "state.json"
     deadline = time.time() + 1200  # generous: CI machines may be slow or shared
     while time.time() < deadline and proc.poll() is None and not (state.is_file() and json.loads(state.read_text())["step"] >= 2):
         time.sleep(0.2)
-    assert state.is_file(), "the run wrote no checkpoint before the deadline or exited early"
+    assert state.is_file(), "no checkpoint before the deadline or exited early:\n" + (tmp_path / "killed.log").read_text()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = json.loads(state.read_text())["step"]

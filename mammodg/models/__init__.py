@@ -1,10 +1,13 @@
 """Model registry: ``register(name)`` decorates a model class or builder function, ``build(name, **kwargs)`` calls it.
 
-Registered names (see :mod:`mammodg.models.vgg`):
+Registered names (see :mod:`mammodg.models.vgg` and :mod:`mammodg.models.cyclegan`):
 
 * ``"vgg_backbone"``: :class:`~mammodg.models.vgg.VGGBackbone`, the fully convolutional 5-class patch scorer;
 * ``"patch_classifier"``: :func:`~mammodg.models.vgg.patch_classifier`, backbone + 5 patch logits (or softmax);
-* ``"vgg_classifier"``: :func:`~mammodg.models.vgg.vgg_classifier`, the full 2-level image model (2 logits).
+* ``"vgg_classifier"``: :func:`~mammodg.models.vgg.vgg_classifier`, the full 2-level image model (2 logits);
+* ``"cyclegan_generator"``: :func:`~mammodg.models.cyclegan.resnet_generator`, the CycleGAN ResNet generator;
+* ``"patchgan_discriminator"``: :func:`~mammodg.models.cyclegan.patchgan_discriminator`, the 70x70 PatchGAN;
+* ``"resnet50_backbone"``, ``"contrastive_model"``: :mod:`mammodg.models.resnet`, the contrastive encoder.
 
 Example::
 
@@ -53,6 +56,8 @@ def build(name: str, **kwargs):
 
 # Imported last: the model modules use ``register`` from this (by then initialised) package.
 from mammodg.models import vgg  # noqa: E402
+from mammodg.models import cyclegan, resnet  # noqa: E402
+from mammodg.models.cyclegan import patchgan_discriminator, resnet_generator  # noqa: E402
 from mammodg.models.vgg import (  # noqa: E402
     VGGBackbone,
     VGGImageHead,
@@ -70,6 +75,9 @@ __all__ = [
     "get",
     "names",
     "vgg",
+    "cyclegan",
+    "resnet_generator",
+    "patchgan_discriminator",
     "VGGBackbone",
     "VGGImageHead",
     "find_backbone",

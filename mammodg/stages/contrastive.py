@@ -261,8 +261,11 @@ def prepare(cfg: TrainConfig) -> Path:
                                     "(mammodg train --stage cyclegan) or set contrastive.cyclegan_config")
         from mammodg.stages import run as run_stage
 
-        print(f"CycleGAN run {c.cyclegan_run} missing: training it with {c.cyclegan_config}", flush=True)
-        gan_cfg = load(TrainConfig, c.cyclegan_config, ["stage=cyclegan", f"run_dir={c.cyclegan_run}",
+        gan_config = Path(c.cyclegan_config)
+        if not gan_config.is_file():  # a repository-relative path (configs/...) used from elsewhere
+            gan_config = Path(__file__).resolve().parents[2] / c.cyclegan_config
+        print(f"CycleGAN run {c.cyclegan_run} missing: training it with {gan_config}", flush=True)
+        gan_cfg = load(TrainConfig, gan_config, ["stage=cyclegan", f"run_dir={c.cyclegan_run}",
                                                         f"data_dir={cfg.data_dir}"])
         run_stage("cyclegan", gan_cfg)
     transfer = None
