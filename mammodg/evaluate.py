@@ -2,6 +2,7 @@
 run -> style-invariance report (linear probe, t-SNE like MSVCL v2 Figure 7)."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -32,18 +33,42 @@ def evaluate_run(run: Path, *, split: str = "val", n_boot: int = 2000) -> dict:
     return write_report(report, run / f"report_{split}", f"{run.name}: {split} split ({cfg.strategy} sampling)", history=history)
 
 
-def embed_images(backbone, cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone embeddings of every image of a split of the image records, resized to the encoder input."""
+def _encoder_inputs(cfg, split: str, batch_size: int = 16):
+    """(images resized to the encoder input, styles) batches of every image of a split."""
     import tensorflow as tf
 
     from mammodg.sampling.streams import evaluation_records
 
-    ds = evaluation_records(cfg.data_dir, split, target_mean=cfg.target_mean, batch_size=16)
-    feats, styles = [], []
+    ds = evaluation_records(cfg.data_dir, split, target_mean=cfg.target_mean, batch_size=batch_size)
     for x, _, seg in ds:
-        x = tf.image.resize(x, cfg.contrastive.input_size, method="area")
+        yield tf.image.resize(x, cfg.contrastive.input_size, method="area"), [s.decode() for s in seg.numpy()]
+
+
+def precise_batchnorm(model, batches) -> int:
+    """Re-estimate every BatchNormalization's moving statistics as the mean of batch statistics over
+    ``batches`` (no weight changes). A random network's (and a short run's) moving statistics are
+    still near their initial (0, 1), which makes inference-mode embeddings degenerate. Returns the
+    number of batches used."""
+    import keras
+
+    layers = [la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)]
+    saved = [la.momentum for la in layers]
+    k = 0
+    for k, x in enumerate(batches, start=1):
+        for la in layers:
+            la.momentum = (k - 1) / k  # running mean of per-batch statistics
+        model(x, training=True)
+    for la, m in zip(layers, saved):
+        la.momentum = m
+    return k
+
+
+def embed_images(backbone, cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone embeddings (inference mode) of every image of a split, resized to the encoder input."""
+    feats, styles = [], []
+    for x, segs in _encoder_inputs(cfg, split):
         feats.append(np.asarray(backbone(x, training=False)))
-        styles += [s.decode() for s in seg.numpy()]
+        styles += segs
     return np.concatenate(feats), np.array(styles)
 
 
@@ -96,7 +121,8 @@ def plot_tsne(panels: dict, styles: np.ndarray, path: Path, seed: int = 0) -> Pa
 
 def evaluate_contrastive(run: Path, *, split: str = "val") -> dict:
     """Style invariance of a contrastive backbone: linear-probe style accuracy (lower = more invariant)
-    next to a randomly initialised backbone's, and a t-SNE figure coloured by style."""
+    next to a randomly initialised backbone's, and a t-SNE figure coloured by style. Both backbones'
+    BatchNorm statistics are first re-estimated on up to 256 training images (:func:`precise_batchnorm`)."""
     import keras
 
     from mammodg.config import TrainConfig, load
@@ -111,6 +137,8 @@ def evaluate_contrastive(run: Path, *, split: str = "val") -> dict:
     trained.load_weights(weights)
     keras.utils.set_random_seed(cfg.seed)
     random = resnet50_backbone(shape)
+    for model in (trained, random):  # BN statistics from (unlabelled) training images, both backbones alike
+        precise_batchnorm(model, (x for x, _ in itertools.islice(_encoder_inputs(cfg, cfg.train_split, 32), 8)))
     f_trained, styles = embed_images(trained, cfg, split)
     f_random, _ = embed_images(random, cfg, split)
     out = run / f"invariance_{split}"
