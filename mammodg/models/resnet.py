@@ -37,12 +37,21 @@ def resnet50_backbone(input_shape=(None, None, 1), weights: str | None = None, n
 
 @register("contrastive_model")
 def contrastive_model(input_shape=(512, 384, 1), projection_dim: int = 128, hidden_dim: int = 2048,
-                      weights: str | None = None):
+                      weights: str | None = None, bn_momentum: float = 0.9):
     """Two views ``{"view1", "view2"}`` -> projections stacked as (b, 2, projection_dim).
 
     Both views go through the same backbone and the same MLP projection head (Dense-ReLU-Dense, SimCLR).
+    Under several replicas the backbone's BatchNorm uses synchronized (global-batch) statistics, so the
+    network cannot tell positives apart by per-replica batch statistics (google-research/simclr #114).
+    BatchNorm momentum is 0.9 (SimCLR's batch_norm_decay) instead of Keras' 0.99, so the moving
+    statistics used at validation and export follow the weights within tens of steps.
     """
     backbone = resnet50_backbone(input_shape, weights)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = bn_momentum
+            # cross-replica batch statistics (else BN lets the model find positives, google-research/simclr #114)
+            layer.synchronized = keras.backend.backend() == "tensorflow"
     head = keras.Sequential([keras.layers.Dense(hidden_dim, activation="relu"), keras.layers.Dense(projection_dim)],
                             name="projection")
     inputs = {k: keras.Input(tuple(input_shape), name=k) for k in ("view1", "view2")}
