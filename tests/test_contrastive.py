@@ -176,6 +176,12 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), backbone.predict(x, verbose=0), atol=1e-5)
     assert main(args) == 0  # a finished run is not retrained
     assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [2, 4]
+    assert main(["evaluate", "--stage", "contrastive", "--run", str(run), "--split", "train"]) == 0
+    inv = json.loads((run / "invariance_train" / "invariance.json").read_text())
+    assert set(inv["images_per_style"]) == set(load_index(tiny_records)["segments"])
+    for key in ("probe_trained", "probe_random_init"):
+        assert 0.0 <= inv[key]["accuracy"] <= 1.0 and inv[key]["images"] == sum(inv["images_per_style"].values())
+    assert (run / "invariance_train" / "tsne.png").stat().st_size > 10_000
 
 
 def test_linear_probe_sees_style_only_when_embeddings_carry_it():
