@@ -95,7 +95,7 @@ def cmd_evaluate(args) -> int:
     run = Path(args.run)
     stage = args.stage or (load(TrainConfig, run / "config.yaml").stage if (run / "config.yaml").is_file() else "classifier")
     if stage == "contrastive":
-        paths = evaluate_contrastive(run, split=args.split)
+        paths = evaluate_contrastive(run, split=args.split, data_dir=args.data)
     else:
         paths = evaluate_run(run, split=args.split, n_boot=args.n_boot)
     for k, v in paths.items():
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("evaluate", help="classifier: metrics, bootstrap CIs, ROC, validation curves; contrastive: style invariance")
     p.add_argument("--run", required=True, help="run folder of a classifier or contrastive run")
     p.add_argument("--stage", choices=("classifier", "contrastive"), help="default: the run's own stage")
+    p.add_argument("--data", help="contrastive: probe held-out images of this image-records folder instead")
     p.add_argument("--split", default="val")
     p.add_argument("--n-boot", type=int, default=2000)
     p.set_defaults(func=cmd_evaluate)

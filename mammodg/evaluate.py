@@ -33,13 +33,13 @@ def evaluate_run(run: Path, *, split: str = "val", n_boot: int = 2000) -> dict:
     return write_report(report, run / f"report_{split}", f"{run.name}: {split} split ({cfg.strategy} sampling)", history=history)
 
 
-def _encoder_inputs(cfg, split: str, batch_size: int = 16):
+def _encoder_inputs(cfg, split: str, batch_size: int = 16, data_dir: str | None = None):
     """(images resized to the encoder input, styles) batches of every image of a split."""
     import tensorflow as tf
 
     from mammodg.sampling.streams import evaluation_records
 
-    ds = evaluation_records(cfg.data_dir, split, target_mean=cfg.target_mean, batch_size=batch_size)
+    ds = evaluation_records(data_dir or cfg.data_dir, split, target_mean=cfg.target_mean, batch_size=batch_size)
     for x, _, seg in ds:
         yield tf.image.resize(x, cfg.contrastive.input_size, method="area"), [s.decode() for s in seg.numpy()]
 
@@ -119,7 +119,7 @@ def plot_tsne(panels: dict, styles: np.ndarray, path: Path, seed: int = 0) -> Pa
     return path
 
 
-def evaluate_contrastive(run: Path, *, split: str = "val") -> dict:
+def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None = None) -> dict:
     """Style invariance of a contrastive backbone: linear-probe style accuracy (lower = more invariant)
     next to a randomly initialised backbone's, and a t-SNE figure coloured by style. Both backbones'
     BatchNorm statistics are first re-estimated on up to 256 training images (:func:`precise_batchnorm`)."""
@@ -129,6 +129,9 @@ def evaluate_contrastive(run: Path, *, split: str = "val") -> dict:
     from mammodg.models.resnet import resnet50_backbone
 
     cfg = load(TrainConfig, run / "config.yaml")
+    bn_images = cfg.data_dir  # BatchNorm statistics always from the run's own training images
+    if data_dir:  # held-out images from another dataset (e.g. new patients)
+        cfg = load(TrainConfig, run / "config.yaml", [f"data_dir={data_dir}"])
     weights = run / "backbone.weights.h5"
     if cfg.stage != "contrastive" or not weights.is_file():
         raise FileNotFoundError(f"{run} is not a finished contrastive run (backbone.weights.h5 missing)")
@@ -138,13 +141,13 @@ def evaluate_contrastive(run: Path, *, split: str = "val") -> dict:
     keras.utils.set_random_seed(cfg.seed)
     random = resnet50_backbone(shape)
     for model in (trained, random):  # BN statistics from (unlabelled) training images, both backbones alike
-        precise_batchnorm(model, (x for x, _ in itertools.islice(_encoder_inputs(cfg, cfg.train_split, 32), 8)))
+        precise_batchnorm(model, (x for x, _ in itertools.islice(_encoder_inputs(cfg, cfg.train_split, 32, bn_images), 8)))
     f_trained, styles = embed_images(trained, cfg, split)
     f_random, _ = embed_images(random, cfg, split)
-    out = run / f"invariance_{split}"
+    out = run / (f"invariance_{split}" if not data_dir else f"invariance_{Path(data_dir).name}_{split}")
     out.mkdir(exist_ok=True)
     result = {
-        "run": str(run), "split": split, "method": cfg.contrastive.method,
+        "run": str(run), "data_dir": cfg.data_dir, "split": split, "method": cfg.contrastive.method,
         "images_per_style": {str(k): int(v) for k, v in zip(*np.unique(styles, return_counts=True))},
         "probe_trained": linear_probe_accuracy(f_trained, styles, cfg.seed),
         "probe_random_init": linear_probe_accuracy(f_random, styles, cfg.seed),
