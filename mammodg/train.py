@@ -51,7 +51,8 @@ def distribution_strategy():
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
-def _atomic_json(path: Path, data) -> None:
+def atomic_json(path: Path, data) -> None:
+    """Write JSON through a temporary name renamed into place (never a half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
@@ -142,8 +143,8 @@ class Trainer:
         self.state["step"] = step
         model.save(self.run_dir / ".last.keras")
         os.replace(self.run_dir / ".last.keras", self.ckpt)
-        _atomic_json(self.state_path, self.state)
-        _atomic_json(self.run_dir / "history.json", self.state["history"])
+        atomic_json(self.state_path, self.state)
+        atomic_json(self.run_dir / "history.json", self.state["history"])
         print(f"step {step}: loss {entry['train_loss']:.4f}  val monitor {monitor:.4f}"
               f"{'  (best)' if improved else ''}", flush=True)
 
@@ -182,7 +183,7 @@ class Trainer:
                 raise TrainingError(f"loss became NaN/inf at step {self.nan_step}; last good checkpoint: "
                                     f"{self.ckpt} (step {self.state['step']}). Lower learning_rate or check the data.")
             self.state["done"] = True
-            _atomic_json(self.state_path, self.state)
+            atomic_json(self.state_path, self.state)
         model.load_weights(self.run_dir / "best.weights.h5")
         return model
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from mammodg.config import ConfigError, TrainConfig, save
-from mammodg.train import TrainingError
+from mammodg.train import TrainingError, atomic_json
 
 STYLES_JSON = "styles.json"
 BLEND_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # eq. (2): 0.0, 0.1, ..., 1.0
@@ -268,12 +268,6 @@ class CycleGAN:
         return {k: float(v) for k, v in {**g, **d}.items()}
 
 
-def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _export_generator(model, run_dir: Path, name: str, saved_model: bool) -> None:
     """``generators/<name>.keras`` and (optionally) ``saved_model/<name>/``, each written then renamed."""
     path = run_dir / "generators" / f"{name}.keras"
@@ -323,7 +317,7 @@ def train_pair(cfg: TrainConfig, index: dict, a: str, b: str, run_dir: Path, see
             ips = 2 * cfg.batch_size * n / (time.perf_counter() - t0)
             state["step"] = step
             state["history"].append({"step": step, **mean, "images_per_s": round(ips, 2)})
-            _atomic_json(state_path, state)
+            atomic_json(state_path, state)
             print(f"{a} <-> {b} step {step}/{cfg.steps}: G {mean['g_total']:.3f} (adv {mean['g_adv']:.3f} cycle "
                   f"{mean['cycle']:.3f} identity {mean['identity']:.3f})  D_A {mean['d_a']:.3f} D_B {mean['d_b']:.3f}"
                   f"  {ips:.1f} images/s", flush=True)
@@ -331,7 +325,7 @@ def train_pair(cfg: TrainConfig, index: dict, a: str, b: str, run_dir: Path, see
     _export_generator(gan.g_ab, run_dir, generator_name(a, b), cfg.export)
     _export_generator(gan.g_ba, run_dir, generator_name(b, a), cfg.export)
     state.update(step=max(start, cfg.steps), done=True)
-    _atomic_json(state_path, state)
+    atomic_json(state_path, state)
 
 
 # ---------------------------------------------------------------------------------------- inference
@@ -455,7 +449,7 @@ def run(cfg: TrainConfig) -> StyleTransfer:
     gens = [{"src": s, "dst": d, "keras": f"generators/{generator_name(s, d)}.keras",
              "saved_model": f"saved_model/{generator_name(s, d)}" if cfg.export else None}
             for s in styles for d in styles if s != d]
-    _atomic_json(run_dir / STYLES_JSON, {"styles": styles, "pairs": [list(p) for p in pairs], "generators": gens})
+    atomic_json(run_dir / STYLES_JSON, {"styles": styles, "pairs": [list(p) for p in pairs], "generators": gens})
     transfer = StyleTransfer.load(run_dir)
     grid = style_grid(transfer, validation_examples(cfg, index, styles), run_dir / "style_grid.png")
     print(f"style grid: {grid}\nrun folder: {run_dir}", flush=True)
