@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/build_tfrecords.py
 	$(PY) benchmarks/sampling_pattern.py
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/contrastive_pipeline.py
 
 clean:
 	rm -rf demo_run runs .pytest_cache benchmarks/results

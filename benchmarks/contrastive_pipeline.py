@@ -6,7 +6,9 @@ phantoms with three styles per image (a cheap stand-in transfer, so decoding and
 they cost with CycleGAN styles). Both runs use ``model.fit`` with the same compiled model; the first
 ``--warmup`` steps of each are excluded.
 
-    python benchmarks/contrastive_pipeline.py [--steps 12 --batch 16 --size 128 96]
+Pair size, encoder input, crops and method come from ``--config`` (the demo's by default).
+
+    python benchmarks/contrastive_pipeline.py [--steps 12] [--config configs/demo/contrastive.yaml]
 """
 from __future__ import annotations
 
@@ -46,16 +48,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--size", type=int, nargs=2, default=[128, 96], help="encoder input (h, w)")
-    ap.add_argument("--pair-size", type=int, nargs=2, default=[256, 192], help="images in the pair records")
+    ap.add_argument("--config", default="configs/demo/contrastive.yaml")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/contrastive_pipeline.json")
     args = ap.parse_args()
 
     import keras
 
-    from mammodg.config import BuildConfig, PreprocessConfig, TrainConfig
+    from mammodg.config import BuildConfig, PreprocessConfig, TrainConfig, load
     from mammodg.io.phantom import make_phantoms
     from mammodg.losses import NTXent
     from mammodg.models.resnet import contrastive_model
@@ -65,29 +65,30 @@ def main():
     from mammodg.stages.contrastive import contrastive_batches
 
     tmp = Path(tempfile.mkdtemp(prefix="mammodg-bench-"))
-    manifest = make_phantoms(tmp / "ph", patients=24, styles=3, seed=0, scale=0.35, progress=False)
-    build(manifest, tmp / "rec", BuildConfig(preprocess=PreprocessConfig(height=512, width=384), pseudonym_salt="b"),
-          progress=False)
+    cfg = load(TrainConfig, args.config, [f"data_dir={tmp / 'rec'}", f"contrastive.pairs_dir={tmp / 'pairs'}", "strategy=natural"])
+    c = cfg.contrastive
+    pair_size = tuple(c.pair_size) or (512, 384)
+    manifest = make_phantoms(tmp / "ph", patients=24, styles=3, seed=0, scale=0.7, progress=False)
+    build(manifest, tmp / "rec", BuildConfig(preprocess=PreprocessConfig(height=2 * pair_size[0], width=2 * pair_size[1]),
+                                             pseudonym_salt="b"), progress=False)
     styles = sorted(load_index(tmp / "rec")["segments"])
-    build_pairs(tmp / "rec", tmp / "pairs", transfer=_Styles(styles), size=tuple(args.pair_size), progress=False)
+    build_pairs(tmp / "rec", tmp / "pairs", transfer=_Styles(styles), size=pair_size, progress=False)
 
-    cfg = TrainConfig(stage="contrastive", data_dir=str(tmp / "rec"), batch_size=args.batch, strategy="natural")
-    cfg.contrastive.pairs_dir = str(tmp / "pairs")
-    cfg.contrastive.input_size = list(args.size)
     pipeline = contrastive_batches(cfg)
     x, y = next(iter(pipeline))
     memory = __import__("tensorflow").data.Dataset.from_tensors((x, y)).repeat()
 
     keras.utils.set_random_seed(0)
-    model = contrastive_model((*args.size, 1), hidden_dim=512)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=NTXent(0.1))
+    model = contrastive_model((*c.input_size, 1), c.projection_dim, c.hidden_dim)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=NTXent(c.temperature))
     _timed_fit(model, memory, 1, 1)  # build + trace
     rates = {"pipeline": [], "memory": []}
     for r in range(args.repeats):  # alternate to share machine noise
         for name, ds in (("memory", memory), ("pipeline", pipeline)) if r % 2 == 0 else (("pipeline", pipeline), ("memory", memory)):
-            rates[name].append(_timed_fit(model, ds, args.steps, args.warmup) * args.batch)
+            rates[name].append(_timed_fit(model, ds, args.steps, args.warmup) * cfg.batch_size)
     med = {k: float(np.median(v)) for k, v in rates.items()}
-    result = {"batch": args.batch, "input_size": args.size, "pair_size": args.pair_size, "steps": args.steps,
+    result = {"config": args.config, "method": c.method, "batch": cfg.batch_size, "input_size": c.input_size,
+              "pair_size": pair_size, "crop_scale": c.crop_scale, "steps": args.steps,
               "pairs_per_s": med, "images_per_s": {k: 2 * v for k, v in med.items()},
               "ratio_pipeline_over_memory": med["pipeline"] / med["memory"], "all": rates}
     print(f"pairs/s: pipeline {med['pipeline']:.2f}  in-memory {med['memory']:.2f}  "

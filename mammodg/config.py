@@ -183,6 +183,7 @@ class ContrastiveConfig:
     temperature: float = 0.1
     projection_dim: int = 128
     hidden_dim: int = 2048
+    optimizer: str = "sgd"  # sgd (SimCLR scaling: peak learning_rate * batch / 256) | adamw (peak learning_rate)
     weight_decay: float = 1e-6
     warmup_steps: int = 0
     crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.6, 1.0])  # crop area fraction range

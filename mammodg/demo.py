@@ -42,7 +42,11 @@ def merge_manifests(out: Path, *manifests: Path) -> Path:
     return out
 
 
-def build_demo_dataset(out: Path, *, patients: int = 48, styles: int = 3, scale: float = 0.5, progress: bool = True):
+PHANTOM_SCALE = 0.5  # matrix size of the demo phantoms (x the detector's); the builder resizes to 1152x832
+
+
+def build_demo_dataset(out: Path, *, patients: int = 48, styles: int = 3, scale: float = PHANTOM_SCALE,
+                       progress: bool = True):
     from mammodg.config import BuildConfig
     from mammodg.io.phantom import make_phantoms
     from mammodg.records.writer import build

@@ -2,7 +2,6 @@
 run -> style-invariance report (linear probe, t-SNE like MSVCL v2 Figure 7)."""
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -33,22 +32,21 @@ def evaluate_run(run: Path, *, split: str = "val", n_boot: int = 2000) -> dict:
     return write_report(report, run / f"report_{split}", f"{run.name}: {split} split ({cfg.strategy} sampling)", history=history)
 
 
-def _encoder_inputs(cfg, split: str, batch_size: int = 16, data_dir: str | None = None):
-    """(images resized to the encoder input, styles) batches of every image of a split."""
+def stored_images(data_dir, split: str):
+    """(stored image (h, w) uint16, data segment) of every record of a split of image records."""
     import tensorflow as tf
 
-    from mammodg.sampling.streams import evaluation_records
+    from mammodg.records.reader import all_shards, load_index
+    from mammodg.records.schema import parse
 
-    ds = evaluation_records(data_dir or cfg.data_dir, split, target_mean=cfg.target_mean, batch_size=batch_size)
-    for x, _, seg in ds:
-        yield tf.image.resize(x, cfg.contrastive.input_size, method="area"), [s.decode() for s in seg.numpy()]
+    for raw in tf.data.TFRecordDataset(sorted(all_shards(load_index(data_dir), data_dir, split))):
+        r = parse(raw)
+        yield r["image"].numpy()[..., 0], r["data_segment"].numpy().decode()
 
 
 def precise_batchnorm(model, batches) -> int:
     """Re-estimate every BatchNormalization's moving statistics as the mean of batch statistics over
-    ``batches`` (no weight changes). A random network's (and a short run's) moving statistics are
-    still near their initial (0, 1), which makes inference-mode embeddings degenerate. Returns the
-    number of batches used."""
+    ``batches`` (no weight changes). Returns the number of batches used."""
     import keras
 
     layers = [la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)]
@@ -63,13 +61,37 @@ def precise_batchnorm(model, batches) -> int:
     return k
 
 
-def embed_images(backbone, cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone embeddings (inference mode) of every image of a split, resized to the encoder input."""
-    feats, styles = [], []
-    for x, segs in _encoder_inputs(cfg, split):
-        feats.append(np.asarray(backbone(x, training=False)))
-        styles += segs
-    return np.concatenate(feats), np.array(styles)
+def _tile_batches(cfg, split: str, batch: int = 32, max_batches: int = 8):
+    """Batches of evaluation tiles of a split's images (for BatchNorm statistics)."""
+    from mammodg.stages.contrastive import evaluation_tiles
+
+    pending, n = [], 0
+    for stored, _ in stored_images(cfg.data_dir, split):
+        pending.extend(evaluation_tiles(stored, cfg))
+        while len(pending) >= batch and n < max_batches:
+            yield np.stack(pending[:batch])
+            pending, n = pending[batch:], n + 1
+        if n >= max_batches:
+            return
+    if len(pending) >= 2:  # a small split: the rest (BatchNorm needs 2+ samples)
+        yield np.stack(pending)
+
+
+def embed_images(backbones: dict, cfg, split: str, data_dir=None) -> tuple[dict, np.ndarray]:
+    """Image embeddings of every image of a split for each backbone (name -> model, inference mode):
+    the mean of the backbone's embeddings of the image's breast tiles at the training scale
+    (:func:`mammodg.stages.contrastive.evaluation_tiles`). Returns (name -> (n, d), styles (n,))."""
+    from mammodg.stages.contrastive import evaluation_tiles
+
+    feats, styles = {k: [] for k in backbones}, []
+    for stored, segment in stored_images(data_dir or cfg.data_dir, split):
+        tiles = evaluation_tiles(stored, cfg)
+        for name, model in backbones.items():
+            feats[name].append(np.asarray(model(tiles, training=False)).mean(axis=0))
+        styles.append(segment)
+    if not styles:
+        raise ValueError(f"split {split!r} of {data_dir or cfg.data_dir} has no images")
+    return {k: np.stack(v) for k, v in feats.items()}, np.array(styles)
 
 
 def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
@@ -121,17 +143,20 @@ def plot_tsne(panels: dict, styles: np.ndarray, path: Path, seed: int = 0) -> Pa
 
 def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None = None) -> dict:
     """Style invariance of a contrastive backbone: linear-probe style accuracy (lower = more invariant)
-    next to a randomly initialised backbone's, and a t-SNE figure coloured by style. Both backbones'
-    BatchNorm statistics are first re-estimated on up to 256 training images (:func:`precise_batchnorm`)."""
+    next to a randomly initialised backbone's, and a t-SNE figure coloured by style.
+
+    Each image is embedded at the scale the encoder was trained on (the mean of its breast tiles'
+    embeddings, :func:`embed_images`). Two random baselines share the trained backbone's architecture
+    and seed: as initialised (BatchNorm statistics 0/1), and with BatchNorm statistics re-estimated on
+    the run's training images (:func:`precise_batchnorm`), as a trained backbone's are. The second
+    separates what training the weights did from what data-calibrated BatchNorm alone does (it puts a
+    random ResNet-50 in a chaotic regime whose pooled features carry less of the input's style)."""
     import keras
 
     from mammodg.config import TrainConfig, load
     from mammodg.models.resnet import resnet50_backbone
 
     cfg = load(TrainConfig, run / "config.yaml")
-    bn_images = cfg.data_dir  # BatchNorm statistics always from the run's own training images
-    if data_dir:  # held-out images from another dataset (e.g. new patients)
-        cfg = load(TrainConfig, run / "config.yaml", [f"data_dir={data_dir}"])
     weights = run / "backbone.weights.h5"
     if cfg.stage != "contrastive" or not weights.is_file():
         raise FileNotFoundError(f"{run} is not a finished contrastive run (backbone.weights.h5 missing)")
@@ -140,26 +165,31 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     trained.load_weights(weights)
     keras.utils.set_random_seed(cfg.seed)
     random = resnet50_backbone(shape)
-    for model in (trained, random):  # BN statistics from (unlabelled) training images, both backbones alike
-        precise_batchnorm(model, (x for x, _ in itertools.islice(_encoder_inputs(cfg, cfg.train_split, 32, bn_images), 8)))
-    f_trained, styles = embed_images(trained, cfg, split)
-    f_random, _ = embed_images(random, cfg, split)
+    random_bn = resnet50_backbone(shape)
+    random_bn.set_weights(random.get_weights())
+    precise_batchnorm(random_bn, _tile_batches(cfg, cfg.train_split))
+    feats, styles = embed_images({"trained": trained, "random": random, "random_bn": random_bn}, cfg, split, data_dir)
     out = run / (f"invariance_{split}" if not data_dir else f"invariance_{Path(data_dir).name}_{split}")
     out.mkdir(exist_ok=True)
     result = {
-        "run": str(run), "data_dir": cfg.data_dir, "split": split, "method": cfg.contrastive.method,
+        "run": str(run), "data_dir": str(data_dir or cfg.data_dir), "split": split, "method": cfg.contrastive.method,
         "images_per_style": {str(k): int(v) for k, v in zip(*np.unique(styles, return_counts=True))},
-        "probe_trained": linear_probe_accuracy(f_trained, styles, cfg.seed),
-        "probe_random_init": linear_probe_accuracy(f_random, styles, cfg.seed),
+        "probe_trained": linear_probe_accuracy(feats["trained"], styles, cfg.seed),
+        "probe_random_init": linear_probe_accuracy(feats["random"], styles, cfg.seed),
+        "probe_random_init_data_bn": linear_probe_accuracy(feats["random_bn"], styles, cfg.seed),
     }
-    plot_tsne({f"{cfg.contrastive.method} (trained)": f_trained, "random init": f_random}, styles, out / "tsne.png", cfg.seed)
+    plot_tsne({f"{cfg.contrastive.method} (trained)": feats["trained"], "random init": feats["random"],
+               "random init, data BatchNorm": feats["random_bn"]}, styles, out / "tsne.png", cfg.seed)
     (out / "invariance.json").write_text(json.dumps(result, indent=1))
-    t, r = result["probe_trained"], result["probe_random_init"]
+    t, r, rb = (result[k]["accuracy"] for k in ("probe_trained", "probe_random_init", "probe_random_init_data_bn"))
+    probe = result["probe_trained"]
     (out / "invariance.md").write_text(
         f"# Style invariance: {run.name} ({cfg.contrastive.method}), {split} split\n\n"
-        f"Linear-probe vendor-style accuracy on frozen embeddings ({t['folds']}-fold, {t['images']} images; "
-        f"lower = more style-invariant; chance {t['chance']:.3f}):\n\n"
-        f"| backbone | style accuracy |\n|---|---|\n| {cfg.contrastive.method} | {t['accuracy']:.3f} |\n"
-        f"| random init | {r['accuracy']:.3f} |\n\n![t-SNE](tsne.png)\n")
+        f"Linear-probe vendor-style accuracy on frozen embeddings ({probe['folds']}-fold, {probe['images']} images; "
+        f"lower = more style-invariant; chance {probe['chance']:.3f}):\n\n"
+        f"| backbone | style accuracy |\n|---|---|\n| {cfg.contrastive.method} | {t:.3f} |\n"
+        f"| random init | {r:.3f} |\n| random init, BatchNorm statistics from the training images | {rb:.3f} |\n\n"
+        f"![t-SNE](tsne.png)\n")
     return {"json": out / "invariance.json", "markdown": out / "invariance.md", "tsne": out / "tsne.png",
-            "style_accuracy": round(t["accuracy"], 4), "style_accuracy_random_init": round(r["accuracy"], 4)}
+            "style_accuracy": round(t, 4), "style_accuracy_random_init": round(r, 4),
+            "style_accuracy_random_init_data_bn": round(rb, 4)}

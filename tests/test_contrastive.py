@@ -14,7 +14,7 @@ from mammodg.preprocess.breast import from_stored, to_stored
 from mammodg.records.pairs import build_pairs, parse_pair
 from mammodg.records.reader import all_shards, load_index
 from mammodg.records.schema import model_input, parse
-from mammodg.stages.contrastive import augment, choose, pair_decoder
+from mammodg.stages.contrastive import augment, choose, evaluation_tiles, pair_decoder
 
 
 class GammaTransfer:
@@ -146,6 +146,43 @@ def test_augment_keeps_shape_and_varies_by_seed(pairs):
     np.testing.assert_array_equal(xs[0], augment(img, tf.constant([0, 0], tf.int64), cfg).numpy())  # seeded
 
 
+def _left_breast(h=64, w=48, cols=None):
+    """A stored image whose breast is the left ``cols`` columns, values a smooth ramp in (0, 1]."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    v = (0.2 + 0.6 * yy / h + 0.1 * xx / w).astype(np.float32)
+    return to_stored(v, xx < (w // 2 if cols is None else cols))
+
+
+def test_augment_crops_hold_breast_and_keep_the_whole_image_outside_constant():
+    cfg = _cfg(input_size=[16, 12], crop_scale=[0.02, 0.03], rotation_deg=0.0, jitter=0.0)
+    stored = _left_breast(200, 150, cols=15)  # the breast is the left 10% of the image
+    image = tf.constant(stored[..., None].astype(np.float32))
+    fill = float(model_input(image, cfg.target_mean).numpy()[0, -1, 0])  # the whole image's outside constant
+    crops = np.stack([augment(image, tf.constant([1, i], tf.int64), cfg).numpy() for i in range(40)])
+    breast = crops > fill + 1e-3
+    assert breast.reshape(40, -1).any(axis=1).all()  # every crop is centred on breast (random ones: ~1 in 10)
+    assert crops.min() >= min(fill, 0.0) - 1e-4  # no crop-own constant (far below 0 for a mostly-breast crop)
+
+
+def test_evaluation_tiles_cover_the_breast_at_the_training_scale():
+    cfg = _cfg(input_size=[32, 24], crop_scale=[0.25, 0.25])  # tile side = sqrt(0.25) = half of each side
+    stored = _left_breast()  # 64x48, the left half is breast: of the 2x2 grid the two left tiles are kept
+    tiles = evaluation_tiles(stored, cfg)
+    assert tiles.shape == (2, 32, 24, 1)
+    v, mask = from_stored(stored)
+    ref = np.where(mask, v, float(model_input(tf.constant(stored[..., None]), cfg.target_mean).numpy()[0, -1, 0]))
+    # crop_and_resize samples [y0 (h - 1), y1 (h - 1)]: nearly pixel-aligned here, but its last column
+    # (x = 23.5) blends the breast edge with the outside
+    for tile, (r, c) in zip(tiles[..., 0], [(0, 0), (32, 0)]):
+        np.testing.assert_allclose(tile[:, :-1], ref[r:r + 32, c:c + 23], atol=0.01)
+    cfg.contrastive.pair_size = [32, 24]  # resized to the pair records' size first: same grid, half the pixels
+    assert evaluation_tiles(stored, cfg).shape == (2, 32, 24, 1)
+    no_breast = np.zeros_like(stored)
+    no_breast[:4, -4:] = stored[:4, :4]  # a sliver of breast in the top-right tile only: that tile is kept
+    assert np.allclose(evaluation_tiles(no_breast, _cfg(input_size=[32, 24], crop_scale=[0.25, 0.25]))[0, :2, -2:, 0],
+                       from_stored(stored)[0][:2, :2], atol=0.05)
+
+
 def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp_path):
     from mammodg.cli import main
 
@@ -179,7 +216,7 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     assert main(["evaluate", "--stage", "contrastive", "--run", str(run), "--split", "train"]) == 0
     inv = json.loads((run / "invariance_train" / "invariance.json").read_text())
     assert set(inv["images_per_style"]) == set(load_index(tiny_records)["segments"])
-    for key in ("probe_trained", "probe_random_init"):
+    for key in ("probe_trained", "probe_random_init", "probe_random_init_data_bn"):
         assert 0.0 <= inv[key]["accuracy"] <= 1.0 and inv[key]["images"] == sum(inv["images_per_style"].values())
     assert (run / "invariance_train" / "tsne.png").stat().st_size > 10_000
 
@@ -196,3 +233,23 @@ def test_linear_probe_sees_style_only_when_embeddings_carry_it():
     assert blind["accuracy"] < 0.55 and blind["chance"] == pytest.approx(1 / 3)
     lone = linear_probe_accuracy(noise[:81], np.append(styles[:80], "D"))  # a style with 1 image is dropped
     assert lone["dropped_styles"] == ["D"] and lone["images"] == 80
+
+
+def test_optimizer_choice_and_peak_rate():
+    import keras
+
+    from mammodg.config import ConfigError
+    from mammodg.stages.contrastive import _optimizer
+
+    cfg = TrainConfig(stage="contrastive", batch_size=64, steps=100, learning_rate=0.3)
+    cfg.contrastive.warmup_steps = 10
+    sgd = _optimizer(cfg)()
+    assert isinstance(sgd, keras.optimizers.SGD)
+    assert float(sgd._learning_rate(10)) == pytest.approx(0.3 * 64 / 256)  # SimCLR's linear scaling at the peak
+    cfg.contrastive.optimizer, cfg.learning_rate = "adamw", 1e-3
+    adamw = _optimizer(cfg)()
+    assert isinstance(adamw, keras.optimizers.AdamW) and float(adamw._learning_rate(10)) == pytest.approx(1e-3)
+    assert float(adamw._learning_rate(100)) < 1e-6  # cosine decay to 0 at the last step
+    cfg.contrastive.optimizer = "lars"
+    with pytest.raises(ConfigError, match="contrastive.optimizer"):
+        _optimizer(cfg)

@@ -10,17 +10,20 @@ Positive pairs, per ``contrastive.method`` (each side then gets its own random a
 A batch holds N different breasts; ``view1`` of every pair is the CC (MVCL/MSVCL) so the negatives
 of an anchor include the same view of the other patients. Breasts with one view give a same-view pair.
 
-Augmentations (section IV-B): random crop (area ``crop_scale``, aspect 3/4..4/3) resized to
-``input_size``, rotation within +/- ``rotation_deg``, horizontal flip, intensity jitter of strength
-``jitter`` (brightness and contrast factors in [1 - 0.8 s, 1 + 0.8 s], as SimCLR's colour jitter).
+Augmentations (section IV-B): random crop (area ``crop_scale``, aspect 3/4..4/3, centred on a random
+breast pixel and kept inside the image) resized to ``input_size``, rotation within +/- ``rotation_deg``,
+horizontal flip, intensity jitter of strength ``jitter`` (brightness and contrast factors in
+[1 - 0.8 s, 1 + 0.8 s], as SimCLR's colour jitter).
 Randomness is stateless, seeded by (seed, sample index), so a resumed run draws what an uninterrupted
 one would have.
 
-Optimiser: LARS is not in Keras; we use SGD (momentum 0.9, weight decay ``contrastive.weight_decay``)
-with a cosine schedule (optional linear warm-up) and SimCLR's linear scaling: the peak rate is
-``learning_rate * batch_size / 256`` (the paper's 0.3 at batch 256). EMA, validation (NT-Xent and
-positive-retrieval accuracy on the validation breasts), checkpoints and resume come from the shared
-trainer. The backbone is written as ``backbone.weights.h5`` and as a SavedModel ``saved_model/``.
+Optimiser (``contrastive.optimizer``): LARS is not in Keras; ``sgd`` (the default) is SGD (momentum 0.9,
+weight decay ``contrastive.weight_decay``) with a cosine schedule (optional linear warm-up) and SimCLR's
+linear scaling: the peak rate is ``learning_rate * batch_size / 256`` (the paper's 0.3 at batch 256).
+Without LARS' per-layer scaling that rate barely moves a ResNet-50 in a few hundred small-batch steps,
+so short runs (the demo) use ``adamw``: AdamW with the same schedule and peak ``learning_rate``.
+EMA, validation (NT-Xent and positive-retrieval accuracy on the validation breasts), checkpoints and
+resume come from the shared trainer. The backbone is written as ``backbone.weights.h5`` and as a SavedModel ``saved_model/``.
 """
 from __future__ import annotations
 
@@ -91,11 +94,45 @@ def _rotate(x, angle):
         interpolation="BILINEAR", fill_mode="CONSTANT")[0]
 
 
-def augment(stored, seed, cfg: TrainConfig):
-    """Stored-encoding float image (h, w, 1) -> augmented model input ``input_size`` (section IV-B)."""
+def crop_input(stored, boxes, cfg: TrainConfig):
+    """``boxes`` (k, 4: y0, x0, y1, x1 as fractions of the sides) of a stored-encoding float image
+    (h, w, 1), resized to ``input_size``: (k, *input_size, 1) model inputs. The image is normalised
+    (:func:`mammodg.records.schema.model_input`) before cropping, so the constant outside the breast is
+    the whole image's: a crop's own would run far below 0 when the crop is nearly all breast."""
     import tensorflow as tf
 
     from mammodg.records.schema import model_input
+
+    x = model_input(tf.where(stored >= 1.0, stored, 0.0), cfg.target_mean)  # interpolation blur stays outside
+    return tf.image.crop_and_resize(x[None], boxes, tf.zeros([tf.shape(boxes)[0]], tf.int32), cfg.contrastive.input_size)
+
+
+def evaluation_tiles(stored: np.ndarray, cfg: TrainConfig, min_breast: float = 0.5) -> np.ndarray:
+    """Deterministic encoder inputs of one stored image (h, w) at the scale the encoder was trained on:
+    the image resized to ``pair_size``, cut into an even grid of square-fraction tiles of the mean
+    training-crop area (``sqrt(mean(crop_scale))`` of each side), each resized to ``input_size`` as in
+    :func:`augment` (no rotation, flip or jitter). Tiles less than ``min_breast`` inside the breast are
+    dropped (the most-breast tile is always kept). Returns (k, *input_size, 1)."""
+    import tensorflow as tf
+
+    from mammodg.preprocess.breast import resize_stored
+
+    c = cfg.contrastive
+    if c.pair_size:
+        stored = resize_stored(stored, *c.pair_size)
+    h, w = stored.shape
+    side = math.sqrt(float(np.mean(c.crop_scale)))
+    starts = np.linspace(0.0, 1.0 - side, math.ceil(1.0 / side - 1e-6))
+    boxes = [(y, x, y + side, x + side) for y in starts for x in starts]
+    inside = stored > 0
+    frac = np.array([inside[round(y0 * h):round(y1 * h), round(x0 * w):round(x1 * w)].mean() for y0, x0, y1, x1 in boxes])
+    keep = np.flatnonzero(frac >= min_breast) if (frac >= min_breast).any() else [int(frac.argmax())]
+    return crop_input(tf.constant(stored[..., None], tf.float32), tf.constant([boxes[i] for i in keep], tf.float32), cfg).numpy()
+
+
+def augment(stored, seed, cfg: TrainConfig):
+    """Stored-encoding float image (h, w, 1) -> augmented model input ``input_size`` (section IV-B)."""
+    import tensorflow as tf
 
     c = cfg.contrastive
     s = tf.random.experimental.stateless_split(seed, 7)
@@ -103,9 +140,13 @@ def augment(stored, seed, cfg: TrainConfig):
     area = _uniform(s[1], (), *c.crop_scale)
     ratio = tf.clip_by_value(tf.exp(_uniform(s[2], (), math.log(3 / 4), math.log(4 / 3))), area, 1 / area)  # crop fits
     ch, cw = tf.sqrt(area * ratio), tf.sqrt(area / ratio)  # fractions of the image height and width
-    y0, x0 = _uniform(s[3]) * (1 - ch), _uniform(s[4]) * (1 - cw)
-    x = tf.image.crop_and_resize(x[None], [[y0, x0, y0 + ch, x0 + cw]], [0], c.input_size)[0]
-    x = model_input(tf.where(x >= 1.0, x, 0.0), cfg.target_mean)  # bilinear edge blur stays outside
+    breast = tf.cast(tf.where(x[..., 0] >= 1.0), tf.float32)  # crops are centred on a random breast pixel
+    centre = tf.cond(tf.shape(breast)[0] > 0,  # (no breast: anywhere)
+                     lambda: tf.gather(breast, _randint(s[3], tf.shape(breast)[0])) / tf.cast(tf.shape(x)[:2], tf.float32),
+                     lambda: _uniform(s[4], (2,)))
+    y0 = tf.clip_by_value(centre[0] - ch / 2, 0.0, 1.0 - ch)
+    x0 = tf.clip_by_value(centre[1] - cw / 2, 0.0, 1.0 - cw)
+    x = crop_input(x, tf.stack([y0, x0, y0 + ch, x0 + cw])[None], cfg)[0]
     x = tf.cond(_uniform(s[5]) < 0.5, lambda: tf.image.flip_left_right(x), lambda: x)
     bc = _uniform(s[6], (2,), 1 - 0.8 * c.jitter, 1 + 0.8 * c.jitter)
     x = x * bc[0]
@@ -204,16 +245,26 @@ def _retrieval_hits(z: np.ndarray) -> np.ndarray:
     return sim.argmax(1) == (np.arange(2 * n) + n) % (2 * n)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def _optimizer(cfg: TrainConfig):
     import keras
 
+    from mammodg.config import ConfigError
+
+    c = cfg.contrastive
+    if c.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"contrastive.optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
+
     def make(**ema):
-        peak = cfg.learning_rate * cfg.batch_size / 256
-        c = cfg.contrastive
+        peak = cfg.learning_rate * cfg.batch_size / 256 if c.optimizer == "sgd" else cfg.learning_rate
         decay = max(1, cfg.steps - c.warmup_steps)
         schedule = keras.optimizers.schedules.CosineDecay(
             0.0 if c.warmup_steps else peak, decay, warmup_target=peak if c.warmup_steps else None,
             warmup_steps=c.warmup_steps)
+        if c.optimizer == "adamw":
+            return keras.optimizers.AdamW(schedule, weight_decay=c.weight_decay, **ema)
         return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=c.weight_decay or None, **ema)
 
     return make
