@@ -77,18 +77,32 @@ def _tile_batches(cfg, split: str, batch: int = 32, max_batches: int = 8):
         yield np.stack(pending)
 
 
-def embed_images(backbones: dict, cfg, split: str, data_dir=None) -> tuple[dict, np.ndarray]:
+def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: int = 512) -> tuple[dict, np.ndarray]:
     """Image embeddings of every image of a split for each backbone (name -> model, inference mode):
     the mean of the backbone's embeddings of the image's breast tiles at the training scale
-    (:func:`mammodg.stages.contrastive.evaluation_tiles`). Returns (name -> (n, d), styles (n,))."""
+    (:func:`mammodg.stages.contrastive.evaluation_tiles`), run in batches of tiles of several images.
+    Returns (name -> (n, d), styles (n,))."""
     from mammodg.stages.contrastive import evaluation_tiles
 
-    feats, styles = {k: [] for k in backbones}, []
-    for stored, segment in stored_images(data_dir or cfg.data_dir, split):
-        tiles = evaluation_tiles(stored, cfg)
-        for name, model in backbones.items():
-            feats[name].append(np.asarray(model(tiles, training=False)).mean(axis=0))
+    feats, styles, tiles, owner = {k: [] for k in backbones}, [], [], []
+
+    def flush():
+        if tiles:
+            x, who = np.concatenate(tiles), np.asarray(owner)
+            for name, model in backbones.items():
+                f = model.predict(x, batch_size=64, verbose=0)
+                feats[name] += [f[who == i].mean(axis=0) for i in np.unique(who)]
+            tiles.clear()
+            owner.clear()
+
+    for i, (stored, segment) in enumerate(stored_images(data_dir or cfg.data_dir, split)):
+        t = evaluation_tiles(stored, cfg)
+        tiles.append(t)
+        owner.extend([i] * len(t))
         styles.append(segment)
+        if len(owner) >= chunk_tiles:
+            flush()
+    flush()
     if not styles:
         raise ValueError(f"split {split!r} of {data_dir or cfg.data_dir} has no images")
     return {k: np.stack(v) for k, v in feats.items()}, np.array(styles)

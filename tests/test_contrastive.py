@@ -191,6 +191,7 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     args = ["train", "--stage", "contrastive", "--set", f"data_dir={tiny_records}", "--set", f"run_dir={run}",
             "--set", f"contrastive.pairs_dir={out}", "--set", "contrastive.method=msvcl",
             "--set", "contrastive.input_size=[32,32]", "--set", "contrastive.hidden_dim=32",
+            "--set", "contrastive.pair_size=[]", "--set", "contrastive.crop_scale=[0.5,1.0]",
             "--set", "batch_size=4", "--set", "steps=4", "--set", "val_every=2", "--set", "strategy=natural",
             "--set", "val_max_batches=2"]
     assert main(args) == 0
