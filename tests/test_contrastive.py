@@ -14,7 +14,7 @@ from mammodg.preprocess.breast import from_stored, to_stored
 from mammodg.records.pairs import build_pairs, parse_pair
 from mammodg.records.reader import all_shards, load_index
 from mammodg.records.schema import model_input, parse
-from mammodg.stages.contrastive import augment, choose, evaluation_tiles, pair_decoder
+from mammodg.stages.contrastive import augment, choose, crop_input, evaluation_tiles, pair_decoder
 
 
 class GammaTransfer:
@@ -162,6 +162,20 @@ def test_augment_crops_hold_breast_and_keep_the_whole_image_outside_constant():
     breast = crops > fill + 1e-3
     assert breast.reshape(40, -1).any(axis=1).all()  # every crop is centred on breast (random ones: ~1 in 10)
     assert crops.min() >= min(fill, 0.0) - 1e-4  # no crop-own constant (far below 0 for a mostly-breast crop)
+
+
+def test_crop_input_rotates_about_the_box_centre():
+    rng = np.random.default_rng(0)
+    stored = to_stored(rng.uniform(0.1, 0.9, (33, 33)).astype(np.float32), np.ones((33, 33), bool))
+    image = tf.constant(stored[..., None].astype(np.float32))
+    cfg = _cfg(input_size=[33, 33])
+    ref = model_input(image, cfg.target_mean).numpy()[..., 0]
+    same, quarter = crop_input(image, [[0.0, 0.0, 1.0, 1.0]] * 2, cfg, [0.0, np.pi / 2]).numpy()[..., 0]
+    np.testing.assert_allclose(same, ref, atol=1e-5)  # the whole image, unrotated: itself
+    np.testing.assert_allclose(quarter, np.rot90(ref), atol=1e-4)  # output (i, j) samples input (j, n - 1 - i)
+    # a box of the top-left quarter at 2x: every other output pixel is an input pixel
+    zoom = crop_input(image, [[0.0, 0.0, 0.5, 0.5]], _cfg(input_size=[33, 33]), [0.0]).numpy()[0, ::2, ::2, 0]
+    np.testing.assert_allclose(zoom, ref[:17, :17], atol=1e-5)
 
 
 def test_evaluation_tiles_cover_the_breast_at_the_training_scale():

@@ -121,19 +121,26 @@ def parse(serialized, decode_image: bool = True):
     return out
 
 
-def model_input(stored, target_mean: float):
-    """Stored uint16 image -> float32 model input (paper section 3.1.1).
-
-    Inside the breast mask (stored > 0) pixels are ``(stored - 1) / 65534`` in [0, 1]; outside they take
-    the constant that makes the image mean equal ``target_mean``.
-    """
+def outside_constant(stored, target_mean: float):
+    """The model-input value outside the breast: the constant that makes the image mean ``target_mean``."""
     import tensorflow as tf
 
     x = tf.cast(stored, tf.float32)
     inside = x > 0
-    v = (x - 1.0) / 65534.0
     n = tf.cast(tf.size(x), tf.float32)
     n_in = tf.reduce_sum(tf.cast(inside, tf.float32))
-    s_in = tf.reduce_sum(tf.where(inside, v, 0.0))
-    fill = tf.math.divide_no_nan(target_mean * n - s_in, n - n_in)
-    return tf.where(inside, v, fill)
+    s_in = tf.reduce_sum(tf.where(inside, (x - 1.0) / 65534.0, 0.0))
+    return tf.math.divide_no_nan(target_mean * n - s_in, n - n_in)
+
+
+def model_input(stored, target_mean: float, fill=None):
+    """Stored uint16 image -> float32 model input (paper section 3.1.1).
+
+    Inside the breast mask (stored > 0) pixels are ``(stored - 1) / 65534`` in [0, 1]; outside they take
+    the constant that makes the image mean equal ``target_mean`` (:func:`outside_constant`), or ``fill``.
+    """
+    import tensorflow as tf
+
+    x = tf.cast(stored, tf.float32)
+    fill = outside_constant(x, target_mean) if fill is None else fill
+    return tf.where(x > 0, (x - 1.0) / 65534.0, fill)

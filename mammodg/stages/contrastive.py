@@ -11,9 +11,9 @@ A batch holds N different breasts; ``view1`` of every pair is the CC (MVCL/MSVCL
 of an anchor include the same view of the other patients. Breasts with one view give a same-view pair.
 
 Augmentations (section IV-B): random crop (area ``crop_scale``, aspect 3/4..4/3, centred on a random
-breast pixel and kept inside the image) resized to ``input_size``, rotation within +/- ``rotation_deg``,
-horizontal flip, intensity jitter of strength ``jitter`` (brightness and contrast factors in
-[1 - 0.8 s, 1 + 0.8 s], as SimCLR's colour jitter).
+breast pixel and kept inside the image) resized to ``input_size`` and rotated within +/- ``rotation_deg``
+about its centre (one resampling of the output pixels only), horizontal flip, intensity jitter of
+strength ``jitter`` (brightness and contrast factors in [1 - 0.8 s, 1 + 0.8 s], as SimCLR's colour jitter).
 Randomness is stateless, seeded by (seed, sample index), so a resumed run draws what an uninterrupted
 one would have.
 
@@ -82,29 +82,36 @@ def _styled(images, n_styles, view, a, b, alpha):
                    lambda: decode(a) * (1.0 - alpha) + decode(b) * alpha)
 
 
-def _rotate(x, angle):
-    """Rotate (h, w, 1) about its centre; pixels from outside the image are 0 (outside the breast)."""
+def crop_input(stored, boxes, cfg: TrainConfig, angles=None):
+    """``boxes`` (k, 4: y0, x0, y1, x1 as fractions of the sides, sampled like ``tf.image.crop_and_resize``)
+    of a stored-encoding float image (h, w, 1), each rotated by ``angles`` (k,) radians about its centre
+    and resized to ``input_size``, in one bilinear resampling of only the output pixels: (k, *input_size, 1)
+    model inputs. Outside the breast (and the image) is the whole image's constant
+    (:func:`mammodg.records.schema.outside_constant`): a crop's own would run far below 0 when the crop
+    is nearly all breast."""
     import tensorflow as tf
 
-    h, w = tf.cast(tf.shape(x)[0], tf.float32), tf.cast(tf.shape(x)[1], tf.float32)
-    cx, cy, c, s = (w - 1) / 2, (h - 1) / 2, tf.cos(angle), tf.sin(angle)
-    transform = tf.stack([c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy, 0.0, 0.0])[None]
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=x[None], transforms=transform, output_shape=tf.shape(x)[:2], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    from mammodg.records.schema import model_input, outside_constant
 
-
-def crop_input(stored, boxes, cfg: TrainConfig):
-    """``boxes`` (k, 4: y0, x0, y1, x1 as fractions of the sides) of a stored-encoding float image
-    (h, w, 1), resized to ``input_size``: (k, *input_size, 1) model inputs. The image is normalised
-    (:func:`mammodg.records.schema.model_input`) before cropping, so the constant outside the breast is
-    the whole image's: a crop's own would run far below 0 when the crop is nearly all breast."""
-    import tensorflow as tf
-
-    from mammodg.records.schema import model_input
-
-    x = model_input(tf.where(stored >= 1.0, stored, 0.0), cfg.target_mean)  # interpolation blur stays outside
-    return tf.image.crop_and_resize(x[None], boxes, tf.zeros([tf.shape(boxes)[0]], tf.int32), cfg.contrastive.input_size)
+    oh, ow = cfg.contrastive.input_size
+    h, w = tf.cast(tf.shape(stored)[0], tf.float32), tf.cast(tf.shape(stored)[1], tf.float32)
+    boxes = tf.convert_to_tensor(boxes, tf.float32)
+    y0, x0, y1, x1 = tf.unstack(boxes, axis=1)
+    angles = tf.zeros_like(y0) if angles is None else tf.convert_to_tensor(angles, tf.float32)
+    sy, sx = (y1 - y0) * (h - 1) / max(oh - 1, 1), (x1 - x0) * (w - 1) / max(ow - 1, 1)  # input px per output px
+    cy, cx = (y0 + y1) / 2 * (h - 1), (x0 + x1) / 2 * (w - 1)
+    c, s = tf.cos(angles), tf.sin(angles)
+    a0, a1, b0, b1 = c * sx, -s * sy, s * sx, c * sy  # output (x, y) -> input, about the box centre
+    a2 = cx - a0 * (ow - 1) / 2 - a1 * (oh - 1) / 2
+    b2 = cy - b0 * (ow - 1) / 2 - b1 * (oh - 1) / 2
+    zero = tf.zeros_like(a0)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zero, zero], axis=1)
+    k = tf.shape(boxes)[0]
+    x = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.repeat(stored[None], k, axis=0), transforms=transforms, output_shape=[oh, ow], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")
+    # interpolation blur across the breast edge stays outside
+    return model_input(tf.where(x >= 1.0, x, 0.0), cfg.target_mean, fill=outside_constant(stored, cfg.target_mean))
 
 
 def evaluation_tiles(stored: np.ndarray, cfg: TrainConfig, min_breast: float = 0.5) -> np.ndarray:
@@ -136,17 +143,17 @@ def augment(stored, seed, cfg: TrainConfig):
 
     c = cfg.contrastive
     s = tf.random.experimental.stateless_split(seed, 7)
-    x = _rotate(stored, _uniform(s[0], (), -c.rotation_deg, c.rotation_deg) * math.pi / 180)
     area = _uniform(s[1], (), *c.crop_scale)
     ratio = tf.clip_by_value(tf.exp(_uniform(s[2], (), math.log(3 / 4), math.log(4 / 3))), area, 1 / area)  # crop fits
     ch, cw = tf.sqrt(area * ratio), tf.sqrt(area / ratio)  # fractions of the image height and width
-    breast = tf.cast(tf.where(x[..., 0] >= 1.0), tf.float32)  # crops are centred on a random breast pixel
+    breast = tf.cast(tf.where(stored[..., 0] >= 1.0), tf.float32)  # crops are centred on a random breast pixel
     centre = tf.cond(tf.shape(breast)[0] > 0,  # (no breast: anywhere)
-                     lambda: tf.gather(breast, _randint(s[3], tf.shape(breast)[0])) / tf.cast(tf.shape(x)[:2], tf.float32),
+                     lambda: tf.gather(breast, _randint(s[3], tf.shape(breast)[0])) / tf.cast(tf.shape(stored)[:2], tf.float32),
                      lambda: _uniform(s[4], (2,)))
     y0 = tf.clip_by_value(centre[0] - ch / 2, 0.0, 1.0 - ch)
     x0 = tf.clip_by_value(centre[1] - cw / 2, 0.0, 1.0 - cw)
-    x = crop_input(x, tf.stack([y0, x0, y0 + ch, x0 + cw])[None], cfg)[0]
+    angle = _uniform(s[0], (), -c.rotation_deg, c.rotation_deg) * math.pi / 180  # about the crop centre
+    x = crop_input(stored, tf.stack([y0, x0, y0 + ch, x0 + cw])[None], cfg, angle[None])[0]
     x = tf.cond(_uniform(s[5]) < 0.5, lambda: tf.image.flip_left_right(x), lambda: x)
     bc = _uniform(s[6], (2,), 1 - 0.8 * c.jitter, 1 + 0.8 * c.jitter)
     x = x * bc[0]
