@@ -89,8 +89,9 @@ def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: i
     def flush():
         if tiles:
             x, who = np.concatenate(tiles), np.asarray(owner)
+            x = np.concatenate([x, np.zeros((-len(x) % 64, *x.shape[1:]), x.dtype)])  # whole batches: no retracing
             for name, model in backbones.items():
-                f = model.predict(x, batch_size=64, verbose=0)
+                f = model.predict(x, batch_size=64, verbose=0)[:len(who)]
                 feats[name] += [f[who == i].mean(axis=0) for i in np.unique(who)]
             tiles.clear()
             owner.clear()
