@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from mammodg.config import TrainConfig
-from mammodg.preprocess.breast import from_stored, to_stored
+from mammodg.preprocess.breast import from_stored, resize_stored, to_stored
 from mammodg.records.pairs import build_pairs, parse_pair
 from mammodg.records.reader import all_shards, load_index
 from mammodg.records.schema import model_input, parse
@@ -82,6 +82,27 @@ def test_pair_records_group_breasts_and_hold_every_seen_style(tiny_records, pair
                 np.testing.assert_array_equal(styled, to_stored(GammaTransfer(styles)(val, dst), mask))
     assert set(used) == set(src) and max(used.values()) == 1  # every image in exactly one breast record
     assert index["stats"]["both_views"] >= 0.8 * index["records"]
+
+
+def test_pair_records_transfer_at_the_stored_scale_then_resize(tiny_records, tmp_path):
+    """The generators learned the stored scale: transfer first, then resize to ``size`` (gamma is nonlinear,
+    so resizing first would give other values)."""
+    index = load_index(tiny_records)
+    styles = sorted(index["segments"])[:2]
+    size = (index["image_shape"][0] // 2, index["image_shape"][1] // 2)
+    build_pairs(tiny_records, tmp_path, transfer=GammaTransfer(styles), size=size, progress=False)
+    src = _source_images(tiny_records)
+    checked = 0
+    for r in _records(tmp_path, lambda raw: {k: v.numpy() for k, v in parse_pair(raw).items()}):
+        pngs = r["images"].reshape(len(r["views"]), len(r["styles"]))
+        for v, image_id in enumerate(r["image_ids"]):
+            stored = src[image_id.decode()]["image"]
+            val, mask = from_stored(stored)
+            expected = [stored] + [to_stored(GammaTransfer(styles)(val, s.decode()), mask) for s in r["styles"][1:]]
+            for png, e in zip(pngs[v], expected):
+                np.testing.assert_array_equal(tf.io.decode_png(png, dtype=tf.uint16).numpy()[..., 0], resize_stored(e, *size))
+            checked += len(r["styles"]) > 1
+    assert checked >= 4
 
 
 @pytest.mark.parametrize("method", ["simclr", "mscl", "mvcl", "msvcl"])

@@ -98,18 +98,15 @@ def _encode_breast(b: _Breast, transfer, seen: list[str], size) -> tuple[bytes, 
     views = [v for v in VIEW_ORDER if v in b.views] or sorted(b.views)[:1]
     images, t_transfer, n_transfer = [], 0.0, 0
     for view in views:
-        stored = _unpng(b.views[view]["image"])
-        if size:
-            stored = resize_stored(stored, *size)
-        images.append(_png(stored))
-        if len(styles) > 1:
-            v, mask = from_stored(stored)
+        rendered = [_unpng(b.views[view]["image"])]
+        if len(styles) > 1:  # at the stored scale the generators were trained on, then resized with the rest
+            v, mask = from_stored(rendered[0])
             t = time.perf_counter()
-            for dst in styles[1:]:
-                out = transfer.transfer(v[None, ..., None], mask[None, ..., None], segment, dst)[0, ..., 0]
-                images.append(_png(to_stored(out, mask)))
+            rendered += [to_stored(transfer.transfer(v[None, ..., None], mask[None, ..., None], segment, dst)[0, ..., 0],
+                                   mask) for dst in styles[1:]]
             t_transfer += time.perf_counter() - t
             n_transfer += len(styles) - 1
+        images += [_png(resize_stored(r, *size) if size else r) for r in rendered]
     h, w = _unpng(images[0]).shape
     m = b.meta
     rec = encode_example({
@@ -126,8 +123,9 @@ def build_pairs(data_dir, out, *, transfer=None, size: tuple[int, int] | None = 
     """Image records of ``data_dir`` -> breast-level pair records in ``out`` (see the module docstring).
 
     ``transfer``: a :class:`mammodg.stages.cyclegan.StyleTransfer` (``styles`` and ``transfer(images01,
-    masks, src, dst)``) or None (own style only). ``size`` (rows, cols) resizes the stored images first
-    (contrastive inputs are usually smaller than the 1152x832 records). Returns the ``dataset.json``
+    masks, src, dst)``) or None (own style only). ``size`` (rows, cols) resizes every rendering (contrastive
+    inputs are usually smaller than the 1152x832 records); transfers run before, at the stored scale the
+    CycleGAN was trained on (a generator applied to a downsized image sees noise and edges it never saw). Returns the ``dataset.json``
     index written to ``out``.
     """
     from tqdm import tqdm
