@@ -77,7 +77,8 @@ def _tile_batches(cfg, split: str, batch: int = 32, max_batches: int = 8):
         yield np.stack(pending)
 
 
-def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: int = 512) -> tuple[dict, np.ndarray]:
+def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: int = 512,
+                 batch: int = 64) -> tuple[dict, np.ndarray]:
     """Image embeddings of every image of a split for each backbone (name -> model, inference mode):
     the mean of the backbone's embeddings of the image's breast tiles at the training scale
     (:func:`mammodg.stages.contrastive.evaluation_tiles`), run in batches of tiles of several images.
@@ -89,9 +90,9 @@ def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: i
     def flush():
         if tiles:
             x, who = np.concatenate(tiles), np.asarray(owner)
-            x = np.concatenate([x, np.zeros((-len(x) % 64, *x.shape[1:]), x.dtype)])  # whole batches: no retracing
+            x = np.concatenate([x, np.zeros((-len(x) % batch, *x.shape[1:]), x.dtype)])  # whole batches: no retracing
             for name, model in backbones.items():
-                f = model.predict(x, batch_size=64, verbose=0)[:len(who)]
+                f = model.predict(x, batch_size=batch, verbose=0)[:len(who)]
                 feats[name] += [f[who == i].mean(axis=0) for i in np.unique(who)]
             tiles.clear()
             owner.clear()

@@ -289,3 +289,15 @@ def test_optimizer_choice_and_peak_rate():
     cfg.contrastive.optimizer = "lars"
     with pytest.raises(ConfigError, match="contrastive.optimizer"):
         _optimizer(cfg)
+
+
+@pytest.mark.parametrize("field, value", [("method", "byol"), ("optimizer", "lars")])
+def test_bad_contrastive_config_fails_before_any_data_work(tmp_path, field, value):
+    from mammodg import stages
+    from mammodg.config import ConfigError
+
+    cfg = TrainConfig(stage="contrastive", data_dir=str(tmp_path / "missing"), run_dir=str(tmp_path / "run"))
+    setattr(cfg.contrastive, field, value)
+    with pytest.raises(ConfigError, match=f"contrastive.{field}"):  # not the missing data_dir, found later
+        stages.run("contrastive", cfg)
+    assert not (tmp_path / "run").exists()

@@ -106,8 +106,9 @@ def _encode_breast(b: _Breast, transfer, seen: list[str], size) -> tuple[bytes, 
                                    mask) for dst in styles[1:]]
             t_transfer += time.perf_counter() - t
             n_transfer += len(styles) - 1
-        images += [_png(resize_stored(r, *size) if size else r) for r in rendered]
-    h, w = _unpng(images[0]).shape
+        rendered = [resize_stored(r, *size) for r in rendered] if size else rendered
+        images += [_png(r) for r in rendered]
+    h, w = rendered[0].shape
     m = b.meta
     rec = encode_example({
         "images": images, "views": views, "styles": styles,

@@ -167,9 +167,8 @@ def pair_decoder(cfg: TrainConfig):
 
     from mammodg.records.pairs import parse_pair
 
+    check(cfg)
     method = cfg.contrastive.method
-    if method not in METHODS:
-        raise ValueError(f"contrastive.method must be one of {METHODS}, got {method!r}")
     h, w = cfg.contrastive.input_size
 
     def decode(i, raw):
@@ -255,14 +254,21 @@ def _retrieval_hits(z: np.ndarray) -> np.ndarray:
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def _optimizer(cfg: TrainConfig):
-    import keras
-
+def check(cfg: TrainConfig) -> None:
+    """Config errors before any long work (building data or pairs, training a CycleGAN)."""
     from mammodg.config import ConfigError
 
     c = cfg.contrastive
-    if c.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"contrastive.optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
+    for name, value, allowed in (("method", c.method, METHODS), ("optimizer", c.optimizer, OPTIMIZERS)):
+        if value not in allowed:
+            raise ConfigError(f"contrastive.{name} must be one of {allowed}, got {value!r}")
+
+
+def _optimizer(cfg: TrainConfig):
+    import keras
+
+    check(cfg)
+    c = cfg.contrastive
 
     def make(**ema):
         peak = cfg.learning_rate * cfg.batch_size / 256 if c.optimizer == "sgd" else cfg.learning_rate
@@ -342,6 +348,7 @@ def prepare(cfg: TrainConfig) -> Path:
 def run(cfg: TrainConfig):
     from mammodg.models.resnet import backbone_of
 
+    check(cfg)
     prepare(cfg)
     model = Trainer(cfg, cfg.resolved_run_dir(), contrastive_task(cfg)).run()
     run_dir = Path(cfg.resolved_run_dir())
