@@ -116,11 +116,22 @@ def test_choose_follows_each_methods_definition(method):
         assert (views == [0, 1]).all()
     else:  # the same image twice, any view
         assert (views[:, 0] == views[:, 1]).all() and set(views[:, 0]) == {0, 1}
-    if method in ("mscl", "msvcl"):  # styles and blends vary
-        assert set(styles.ravel()) == {0, 1, 2}
-        assert set(np.round(alphas.ravel() * 10).astype(int)) == set(range(11))
-        differ = (styles[:, 0] != styles[:, 2]) | (styles[:, 1] != styles[:, 3]) | (alphas[:, 0] != alphas[:, 1])
-        assert differ.mean() > 0.8  # the two sides are (nearly always) different styles of one image
+    if method in ("mscl", "msvcl"):  # two different styles of the source: one pure, one blend
+        def weights(a, b, alpha):  # each style's share of a side (eq. 2)
+            w = np.zeros(3)
+            w[a] += 1 - alpha
+            w[b] += alpha
+            return w
+        w1 = np.array([weights(d["style1_a"], d["style1_b"], d["alpha1"]) for d in draws])
+        w2 = np.array([weights(d["style2_a"], d["style2_b"], d["alpha2"]) for d in draws])
+        pure1, pure2 = w1.max(1) == 1, w2.max(1) == 1
+        assert (pure1 | pure2).all() and min((pure1 & ~pure2).mean(), (pure2 & ~pure1).mean()) > 0.15  # either side
+        pure, blend = np.where(pure1[:, None], w1, w2), np.where(pure1[:, None], w2, w1)
+        share = (pure * blend).sum(1)  # the pure side's style in the other side
+        assert share.max() <= 0.5 + 1e-6 and (share == 0).mean() > 0.4
+        assert 0.5 * np.abs(w1 - w2).sum(1).min() >= 0.5 - 1e-6  # total variation: never the same style
+        assert set(styles.ravel()) == {0, 1, 2} and set(pure.argmax(1)) == {0, 1, 2}
+        assert set(np.round(alphas.ravel() * 10).astype(int)) == set(range(6))  # with a <-> b: all of eq. 2's blends
     else:
         assert (styles == 0).all() and (alphas == 0).all()
     one_view = choose(tf.constant(1), tf.constant(1), method, tf.constant([1, 2], tf.int64))

@@ -3,9 +3,10 @@
 Positive pairs, per ``contrastive.method`` (each side then gets its own random augmentation):
 
 - ``simclr``: one image (a random view of the breast, its own style) twice;
-- ``mscl``: one image (random view) in two styles or blends of styles (eq. 2, alpha in {0, 0.1, .., 1});
+- ``mscl``: one image (random view) in two different styles: one pure, the other a blend (eq. 2) that is
+  at most half the first style (see :func:`choose`);
 - ``mvcl``: the CC and the MLO view of the same breast, own style;
-- ``msvcl``: the CC and the MLO view of the same breast, each in a random style or blend.
+- ``msvcl``: the CC and the MLO view of the same breast, in two different styles as for ``mscl``.
 
 A batch holds N different breasts; ``view1`` of every pair is the CC (MVCL/MSVCL) so the negatives
 of an anchor include the same view of the other patients. Breasts with one view give a same-view pair.
@@ -52,7 +53,14 @@ def _randint(seed, n):
 
 
 def choose(n_views, n_styles, method: str, seed):
-    """What a pair is made of: views (v1, v2) and, per side, styles (a, b) blended with alpha (eq. 2)."""
+    """What a pair is made of: views (v1, v2) and, per side, styles (a, b) blended with alpha (eq. 2).
+
+    MSCL/MSVCL positives are always two *different* styles of the source (the paper's C(M, 2) style
+    pairs x 11 blends): one side is a pure style ``s``, the other any blend ``a * (1 - alpha) + b * alpha``
+    of two styles with ``a != s`` and ``alpha`` in {0, 0.1, .., 0.5}, so ``s`` carries at most half of it
+    (every blend of eq. 2 is one of these up to swapping ``a`` and ``b``). Which side is pure is random.
+    Were the two sides drawn independently, a third of the pairs would share their style and style
+    itself would become a cue that matches positives: the opposite of the invariance sought."""
     import tensorflow as tf
 
     s = tf.random.experimental.stateless_split(seed, 7)
@@ -61,13 +69,21 @@ def choose(n_views, n_styles, method: str, seed):
     else:  # one random view of the breast, twice
         v1 = v2 = _randint(s[0], n_views)
     out = {"view1": v1, "view2": v2}
-    for side, k in (("1", 1), ("2", 4)):
-        if method in ("mscl", "msvcl"):
-            a, b = _randint(s[k], n_styles), _randint(s[k + 1], n_styles)
-            alpha = tf.cast(_randint(s[k + 2], 11), tf.float32) / 10.0
-        else:
-            a, b, alpha = tf.constant(0), tf.constant(0), tf.constant(0.0)
-        out.update({f"style{side}_a": a, f"style{side}_b": b, f"alpha{side}": alpha})
+    if method in ("mscl", "msvcl"):
+        pure = _randint(s[1], n_styles)
+        other = (pure + 1 + _randint(s[2], n_styles - 1)) % n_styles  # != pure (when there are 2+ styles)
+        partner = _randint(s[3], n_styles)
+        alpha = tf.cast(_randint(s[4], 6), tf.float32) / 10.0
+        sides = [(pure, pure, tf.constant(0.0)), (other, partner, alpha)]
+        first = tf.cast(_uniform(s[5]) < 0.5, tf.int32)  # which side is the pure one
+        for side, k in (("1", 0), ("2", 1)):
+            pick = tf.equal(first, k)
+            for j, key in enumerate(("a", "b")):
+                out[f"style{side}_{key}"] = tf.where(pick, sides[0][j], sides[1][j])
+            out[f"alpha{side}"] = tf.where(pick, sides[0][2], sides[1][2])
+    else:
+        for side in ("1", "2"):
+            out.update({f"style{side}_a": tf.constant(0), f"style{side}_b": tf.constant(0), f"alpha{side}": tf.constant(0.0)})
     return out
 
 
