@@ -187,6 +187,7 @@ class ContrastiveConfig:
     weight_decay: float = 1e-6
     warmup_steps: int = 0
     crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.6, 1.0])  # crop area fraction range
+    crop_overlap: bool = True  # crops of the same view of a sample contain a common breast point (small crops)
     rotation_deg: float = 10.0
     jitter: float = 0.2  # colour (intensity) jitter strength
     weights: str = ""  # optional local .h5/.weights.h5 of ImageNet ResNet-50 weights (never downloaded)

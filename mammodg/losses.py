@@ -64,22 +64,30 @@ def nt_xent(z1, z2, temperature: float = 0.1, cross_replica: bool = False):
 
 @keras.saving.register_keras_serializable("mammodg")
 class NTXent(keras.losses.Loss):
-    """NT-Xent as a Keras loss on ``y_pred`` of shape (b, 2, d) (the two views' projections); ``y_true``
-    is ignored. Returns one value per pair (the mean of its two anchors), so Keras' mean over the
-    batch is the mean over the 2N anchors, and its division by the replica count makes the
-    cross-replica sum equal the global-batch loss.
+    """NT-Xent as a Keras loss on ``y_pred`` of shape (b, k, d) (the projections of k views per sample);
+    ``y_true`` is ignored. ``pairs`` lists the positive pairs of views, ``((0, 1),)`` by default; with
+    several (MSVCL: ``((0, 1), (0, 2))``, the multi-style and the multi-view pair) the loss is the mean of
+    their NT-Xent losses. Returns one value per sample (the mean over its anchors and pairs), so Keras'
+    mean over the batch is the mean over the 2N anchors of each pair, and its division by the replica
+    count makes the cross-replica sum equal the global-batch loss.
     """
 
-    def __init__(self, temperature: float = 0.1, cross_replica: bool = True, name: str = "nt_xent", **kwargs):
+    def __init__(self, temperature: float = 0.1, cross_replica: bool = True, pairs=((0, 1),), name: str = "nt_xent",
+                 **kwargs):
         super().__init__(name=name, **kwargs)
         self.temperature = temperature
         self.cross_replica = cross_replica
+        self.pairs = tuple(tuple(int(v) for v in p) for p in pairs)
 
     def call(self, y_true, y_pred):
-        per_anchor = nt_xent_per_anchor(y_pred[:, 0], y_pred[:, 1], self.temperature,
-                                        self.cross_replica and keras.backend.backend() == "tensorflow")
         n = ops.shape(y_pred)[0]
-        return (per_anchor[:n] + per_anchor[n:]) / 2
+        cross = self.cross_replica and keras.backend.backend() == "tensorflow"
+        total = 0.0
+        for i, j in self.pairs:
+            per_anchor = nt_xent_per_anchor(y_pred[:, i], y_pred[:, j], self.temperature, cross)
+            total = total + (per_anchor[:n] + per_anchor[n:]) / 2
+        return total / len(self.pairs)
 
     def get_config(self):
-        return {**super().get_config(), "temperature": self.temperature, "cross_replica": self.cross_replica}
+        return {**super().get_config(), "temperature": self.temperature, "cross_replica": self.cross_replica,
+                "pairs": [list(p) for p in self.pairs]}

@@ -14,7 +14,18 @@ from mammodg.preprocess.breast import from_stored, resize_stored, to_stored
 from mammodg.records.pairs import build_pairs, parse_pair
 from mammodg.records.reader import all_shards, load_index
 from mammodg.records.schema import model_input, parse
-from mammodg.stages.contrastive import augment, choose, crop_input, evaluation_tiles, pair_decoder
+from mammodg.stages.contrastive import (
+    METHODS,
+    augment,
+    breast_point,
+    choose,
+    crop_box,
+    crop_input,
+    evaluation_tiles,
+    pair_decoder,
+    positive_pairs,
+    views_per_sample,
+)
 
 
 class GammaTransfer:
@@ -105,37 +116,51 @@ def test_pair_records_transfer_at_the_stored_scale_then_resize(tiny_records, tmp
     assert checked >= 4
 
 
-@pytest.mark.parametrize("method", ["simclr", "mscl", "mvcl", "msvcl"])
+def _style_weights(d, side, n=3):
+    """Each style's share of one side of a draw (eq. 2)."""
+    w = np.zeros(n)
+    w[d[f"style{side}_a"]] += 1 - d[f"alpha{side}"]
+    w[d[f"style{side}_b"]] += d[f"alpha{side}"]
+    return w
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_choose_follows_each_methods_definition(method):
-    draws = [{k: v.numpy() for k, v in choose(tf.constant(2), tf.constant(3), method, tf.constant([7, i], tf.int64)).items()}
+    k = views_per_sample(method)
+    draws = [{key: v.numpy() for key, v in choose(tf.constant(2), tf.constant(3), method, tf.constant([7, i], tf.int64)).items()}
              for i in range(200)]
-    views = np.array([(d["view1"], d["view2"]) for d in draws])
-    styles = np.array([(d["style1_a"], d["style1_b"], d["style2_a"], d["style2_b"]) for d in draws])
-    alphas = np.array([(d["alpha1"], d["alpha2"]) for d in draws])
-    if method in ("mvcl", "msvcl"):  # CC with MLO of the same breast
-        assert (views == [0, 1]).all()
-    else:  # the same image twice, any view
-        assert (views[:, 0] == views[:, 1]).all() and set(views[:, 0]) == {0, 1}
-    if method in ("mscl", "msvcl"):  # two different styles of the source: one pure, one blend
-        def weights(a, b, alpha):  # each style's share of a side (eq. 2)
-            w = np.zeros(3)
-            w[a] += 1 - alpha
-            w[b] += alpha
-            return w
-        w1 = np.array([weights(d["style1_a"], d["style1_b"], d["alpha1"]) for d in draws])
-        w2 = np.array([weights(d["style2_a"], d["style2_b"], d["alpha2"]) for d in draws])
-        pure1, pure2 = w1.max(1) == 1, w2.max(1) == 1
-        assert (pure1 | pure2).all() and min((pure1 & ~pure2).mean(), (pure2 & ~pure1).mean()) > 0.15  # either side
-        pure, blend = np.where(pure1[:, None], w1, w2), np.where(pure1[:, None], w2, w1)
-        share = (pure * blend).sum(1)  # the pure side's style in the other side
-        assert share.max() <= 0.5 + 1e-6 and (share == 0).mean() > 0.4
-        assert 0.5 * np.abs(w1 - w2).sum(1).min() >= 0.5 - 1e-6  # total variation: never the same style
-        assert set(styles.ravel()) == {0, 1, 2} and set(pure.argmax(1)) == {0, 1, 2}
-        assert set(np.round(alphas.ravel() * 10).astype(int)) == set(range(6))  # with a <-> b: all of eq. 2's blends
-    else:
-        assert (styles == 0).all() and (alphas == 0).all()
+    assert all(f"view{k}" in d and f"view{k + 1}" not in d for d in draws)
+    # MSVCL (section III-B): both losses, a multi-style pair and a multi-view pair sharing the CC anchor
+    assert positive_pairs(method) == (((0, 1), (0, 2)) if method == "msvcl" else ((0, 1),))
+    for i, j in positive_pairs(method):
+        views = np.array([(d[f"view{i + 1}"], d[f"view{j + 1}"]) for d in draws])
+        multi_view = method == "mvcl" or (method == "msvcl" and j == 2)
+        if multi_view:  # CC with MLO of the same breast
+            assert (views == [0, 1]).all()
+        elif method == "msvcl":  # the anchor CC in another style
+            assert (views == 0).all()
+        else:  # the same image twice, any view
+            assert (views[:, 0] == views[:, 1]).all() and set(views[:, 0]) == {0, 1}
+        if method in ("mscl", "msvcl"):  # two different styles of the source: one pure, one blend
+            w1 = np.array([_style_weights(d, i + 1) for d in draws])
+            w2 = np.array([_style_weights(d, j + 1) for d in draws])
+            pure1, pure2 = w1.max(1) == 1, w2.max(1) == 1
+            assert (pure1 | pure2).all() and min((pure1 & ~pure2).mean(), (pure2 & ~pure1).mean()) > 0.15  # either side
+            pure, blend = np.where(pure1[:, None], w1, w2), np.where(pure1[:, None], w2, w1)
+            share = (pure * blend).sum(1)  # the pure side's style in the other side
+            assert share.max() <= 0.5 + 1e-6 and (share == 0).mean() > 0.4
+            assert 0.5 * np.abs(w1 - w2).sum(1).min() >= 0.5 - 1e-6  # total variation: never the same style
+            assert set(pure.argmax(1)) == {0, 1, 2} and set(blend.argmax(1)) == {0, 1, 2}
+            alphas = np.array([(d[f"alpha{i + 1}"], d[f"alpha{j + 1}"]) for d in draws])
+            assert set(np.round(alphas.ravel() * 10).astype(int)) == set(range(6))  # with a <-> b: all of eq. 2's blends
+        else:
+            assert all(d[f"style{s}_{x}"] == 0 and d[f"alpha{s}"] == 0 for d in draws for s in (i + 1, j + 1) for x in "ab")
+    if method == "msvcl":  # the two partners of the anchor are drawn independently
+        w2 = np.array([_style_weights(d, 2) for d in draws])
+        w3 = np.array([_style_weights(d, 3) for d in draws])
+        assert (np.abs(w2 - w3).sum(1) > 0).mean() > 0.3
     one_view = choose(tf.constant(1), tf.constant(1), method, tf.constant([1, 2], tf.int64))
-    assert int(one_view["view1"]) == int(one_view["view2"]) == 0
+    assert all(int(one_view[f"view{s}"]) == 0 for s in range(1, k + 1))
 
 
 def _cfg(**contrastive):
@@ -145,19 +170,34 @@ def _cfg(**contrastive):
     return cfg
 
 
-def test_decoder_renders_the_chosen_styles_and_views(pairs):
+def _recording(monkeypatch, name):
+    """Replace ``mammodg.stages.contrastive.<name>`` by a wrapper recording (args, result) of each call."""
+    import mammodg.stages.contrastive as stage
+
+    calls, real = [], getattr(stage, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append((args, real(*args, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(stage, name, wrapper)
+    return calls
+
+
+def test_decoder_renders_the_chosen_styles_and_views(pairs, monkeypatch):
     """With augmentation off, each side is exactly model_input of the chosen blend (maybe mirrored)."""
     out, styles = pairs
     cfg = _cfg(method="msvcl", rotation_deg=0.0, crop_scale=[1.0, 1.0], jitter=0.0, input_size=[64, 48])
     raws = list(tf.data.TFRecordDataset(sorted(all_shards(load_index(out), out, "train"))).take(6))
+    chosen = _recording(monkeypatch, "choose")
     decode = pair_decoder(cfg)
     for i, raw in enumerate(raws):
         views, _ = decode(tf.constant(i, tf.int64), raw)
+        assert sorted(views) == ["view1", "view2", "view3"]
         r = parse_pair(raw)
-        seeds = tf.random.experimental.stateless_split(tf.constant([cfg.seed, i], tf.int64), 3)
-        c = choose(tf.size(r["views"]), tf.size(r["styles"]), "msvcl", seeds[0])
+        c = chosen[-1][1]
         n_styles = int(tf.size(r["styles"]))
-        for side in ("1", "2"):
+        for side in ("1", "2", "3"):
             v = int(c[f"view{side}"])
             a, b, alpha = int(c[f"style{side}_a"]), int(c[f"style{side}_b"]), float(c[f"alpha{side}"])
             img = [tf.io.decode_png(r["images"][v * n_styles + k], dtype=tf.uint16).numpy().astype(np.float32) for k in (a, b)]
@@ -165,6 +205,61 @@ def test_decoder_renders_the_chosen_styles_and_views(pairs):
             got = views[f"view{side}"].numpy()
             err = min(np.abs(got - ref).max(), np.abs(got - ref[:, ::-1]).max())
             assert err < 1e-4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_crops_of_one_view_share_a_breast_point(pairs, monkeypatch, method):
+    """crop_overlap: the sides showing the same view of the breast are cropped around one breast point
+    (every style of a view has the same mask); sides of different views, or crop_overlap off, not."""
+    out, _ = pairs
+    raws = list(tf.data.TFRecordDataset(sorted(all_shards(load_index(out), out, "train"))).take(8))
+    chosen, crops = _recording(monkeypatch, "choose"), _recording(monkeypatch, "augment")
+    shared = 0
+    for overlap in (True, False):
+        decode = pair_decoder(_cfg(method=method, crop_overlap=overlap, input_size=[16, 12]))
+        for i, raw in enumerate(raws):
+            crops.clear()
+            decode(tf.constant(i, tf.int64), raw)
+            c = chosen[-1][1]
+            k = views_per_sample(method)
+            assert len(crops) == k
+            points = [args[3] if len(args) > 3 else None for args, _ in crops]
+            if not overlap:
+                assert all(p is None for p in points)
+                continue
+            for (img, *_), p in zip((args for args, _ in crops), points):
+                h, w = img.shape[:2]
+                assert img[int(p[0] * h), int(p[1] * w), 0] >= 1.0  # a breast pixel
+            for s in range(k):
+                for t in range(s + 1, k):
+                    same_view = int(c[f"view{s + 1}"]) == int(c[f"view{t + 1}"])
+                    assert np.array_equal(points[s].numpy(), points[t].numpy()) == same_view
+                    shared += same_view
+    assert shared >= (0 if method == "mvcl" else len(raws))
+
+
+def test_crop_box_contains_the_shared_point_and_independent_crops_rarely_overlap():
+    cfg = _cfg(crop_scale=[0.02, 0.04], rotation_deg=10.0)
+    image = tf.constant(_left_breast(200, 150, cols=100)[..., None].astype(np.float32))  # 2/3 of the image is breast
+
+    def overlap(b1, b2):
+        return min(b1[2], b2[2]) > max(b1[0], b2[0]) and min(b1[3], b2[3]) > max(b1[1], b2[1])
+
+    together = independent = 0
+    for i in range(100):
+        p = breast_point(image, tf.constant([3, i], tf.int64)).numpy()
+        boxes = []
+        for side in (0, 1):
+            box, angle = crop_box(image, tf.constant([side, i], tf.int64), cfg, tf.constant(p))
+            box = box.numpy()
+            assert box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
+            assert box.min() >= 0.0 and box.max() <= 1.0 + 1e-6 and abs(float(angle)) <= np.radians(10.0) + 1e-6
+            area = (box[2] - box[0]) * (box[3] - box[1])
+            assert 0.02 - 1e-6 <= area <= 0.04 + 1e-6
+            boxes.append(box)
+        together += overlap(*boxes)
+        independent += overlap(*(crop_box(image, tf.constant([side, i], tf.int64), cfg)[0].numpy() for side in (0, 1)))
+    assert together == 100 and independent < 30
 
 
 def test_augment_keeps_shape_and_varies_by_seed(pairs):

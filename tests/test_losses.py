@@ -50,6 +50,17 @@ def test_keras_loss_matches_function():
     assert float(loss(np.zeros(6), z)) == pytest.approx(float(nt_xent(z[:, 0], z[:, 1], 0.2)), abs=1e-5)
 
 
+def test_keras_loss_with_several_positive_pairs_is_their_mean():
+    """MSVCL: (anchor, multi-style) and (anchor, multi-view) pairs of 3 views, each eq. (1) written out."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(5, 3, 8)).astype(np.float32)
+    loss = NTXent(temperature=0.3, pairs=((0, 1), (0, 2)))
+    ref = (_numpy_nt_xent(z[:, 0], z[:, 1], 0.3) + _numpy_nt_xent(z[:, 0], z[:, 2], 0.3)) / 2
+    assert float(loss(np.zeros(5), z)) == pytest.approx(ref, abs=1e-5)
+    restored = NTXent.from_config(loss.get_config())
+    assert restored.pairs == ((0, 1), (0, 2)) and float(restored(np.zeros(5), z)) == pytest.approx(ref, abs=1e-5)
+
+
 def test_two_replicas_equal_one_device_on_the_global_batch():
     """Loss and gradients under MirroredStrategy on 2 logical CPUs equal the single-device values."""
     code = textwrap.dedent("""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
+from keras import ops
 
 from mammodg.models import register
 
@@ -35,12 +36,20 @@ def resnet50_backbone(input_shape=(None, None, 1), weights: str | None = None, n
     return model
 
 
+def view_names(views: int = 2) -> tuple[str, ...]:
+    """Input names of a contrastive model with ``views`` views per sample: view1, view2, ..."""
+    return tuple(f"view{i + 1}" for i in range(views))
+
+
 @register("contrastive_model")
 def contrastive_model(input_shape=(512, 384, 1), projection_dim: int = 128, hidden_dim: int = 2048,
-                      weights: str | None = None, bn_momentum: float = 0.9):
-    """Two views ``{"view1", "view2"}`` -> projections stacked as (b, 2, projection_dim).
+                      weights: str | None = None, bn_momentum: float = 0.9, views: int = 2):
+    """``views`` inputs ``{"view1", "view2", ...}`` -> projections stacked as (b, views, projection_dim).
 
-    Both views go through the same backbone and the same MLP projection head (Dense-ReLU-Dense, SimCLR).
+    All views go through the same backbone and the same MLP projection head (Dense-ReLU-Dense, SimCLR)
+    as *one* batch of ``views * b`` images, as SimCLR does: BatchNorm statistics are those of all views
+    together, so they cannot differ between the anchors' and the positives' sides (with one backbone
+    call per view, a batch of CCs and a batch of MLOs would each be normalised by its own statistics).
     Under several replicas the backbone's BatchNorm uses synchronized (global-batch) statistics, so the
     network cannot tell positives apart by per-replica batch statistics (google-research/simclr #114).
     BatchNorm momentum is 0.9 (SimCLR's batch_norm_decay) instead of Keras' 0.99, so the moving
@@ -54,9 +63,29 @@ def contrastive_model(input_shape=(512, 384, 1), projection_dim: int = 128, hidd
             layer.synchronized = keras.backend.backend() == "tensorflow"
     head = keras.Sequential([keras.layers.Dense(hidden_dim, activation="relu"), keras.layers.Dense(projection_dim)],
                             name="projection")
-    inputs = {k: keras.Input(tuple(input_shape), name=k) for k in ("view1", "view2")}
-    zs = [keras.layers.Reshape((1, projection_dim))(head(backbone(inputs[k]))) for k in ("view1", "view2")]
-    return keras.Model(inputs, keras.layers.Concatenate(axis=1)(zs), name="contrastive")
+    names = view_names(views)
+    inputs = {k: keras.Input(tuple(input_shape), name=k) for k in names}
+    stacked = keras.layers.Concatenate(axis=0, name="all_views")([inputs[k] for k in names])  # (views * b, h, w, 1)
+    z = head(backbone(stacked))
+    return keras.Model(inputs, PerView(views, name="per_view")(z), name="contrastive")
+
+
+@keras.saving.register_keras_serializable("mammodg")
+class PerView(keras.layers.Layer):
+    """(views * b, d) rows ordered view by view -> (b, views, d)."""
+
+    def __init__(self, views: int, **kwargs):
+        super().__init__(**kwargs)
+        self.views = views
+
+    def call(self, z):
+        return ops.transpose(ops.reshape(z, (self.views, -1, ops.shape(z)[-1])), (1, 0, 2))
+
+    def compute_output_shape(self, shape):
+        return (None, self.views, shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "views": self.views}
 
 
 def backbone_of(model) -> keras.Model:

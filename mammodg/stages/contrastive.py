@@ -6,15 +6,18 @@ Positive pairs, per ``contrastive.method`` (each side then gets its own random a
 - ``mscl``: one image (random view) in two different styles: one pure, the other a blend (eq. 2) that is
   at most half the first style (see :func:`choose`);
 - ``mvcl``: the CC and the MLO view of the same breast, own style;
-- ``msvcl``: the CC and the MLO view of the same breast, in two different styles as for ``mscl``.
+- ``msvcl``: "optimization of both multi-style and -view contrastive losses" (section III-B): three views
+  per breast, the CC (anchor), the CC in another style (multi-style pair) and the MLO in another style
+  (multi-view pair); the loss is the mean of the two pairs' NT-Xent losses.
 
-A batch holds N different breasts; ``view1`` of every pair is the CC (MVCL/MSVCL) so the negatives
-of an anchor include the same view of the other patients. Breasts with one view give a same-view pair.
+A batch holds N different breasts; ``view1`` of every sample is the CC (MVCL/MSVCL) so the negatives
+of an anchor include the same view of the other patients. Breasts with one view give same-view pairs.
 
 Augmentations (section IV-B): random crop (area ``crop_scale``, aspect 3/4..4/3, centred on a random
-breast pixel and kept inside the image) resized to ``input_size`` and rotated within +/- ``rotation_deg``
-about its centre (one resampling of the output pixels only), horizontal flip, intensity jitter of
-strength ``jitter`` (brightness and contrast factors in [1 - 0.8 s, 1 + 0.8 s], as SimCLR's colour jitter).
+breast pixel and kept inside the image; with ``crop_overlap`` the crops of one view of a sample share a
+breast point) resized to ``input_size`` and rotated within +/- ``rotation_deg`` about its centre (one
+resampling of the output pixels only), horizontal flip, intensity jitter of strength ``jitter``
+(brightness and contrast factors in [1 - 0.8 s, 1 + 0.8 s], as SimCLR's colour jitter).
 Randomness is stateless, seeded by (seed, sample index), so a resumed run draws what an uninterrupted
 one would have.
 
@@ -52,38 +55,63 @@ def _randint(seed, n):
     return tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int32)
 
 
-def choose(n_views, n_styles, method: str, seed):
-    """What a pair is made of: views (v1, v2) and, per side, styles (a, b) blended with alpha (eq. 2).
+def views_per_sample(method: str) -> int:
+    """How many views of a breast one sample holds: 3 for MSVCL (a multi-style and a multi-view pair
+    sharing their anchor), 2 otherwise."""
+    return 3 if method == "msvcl" else 2
 
-    MSCL/MSVCL positives are always two *different* styles of the source (the paper's C(M, 2) style
+
+def positive_pairs(method: str) -> tuple[tuple[int, int], ...]:
+    """The positive pairs among a sample's views (indices into view1, view2, ...)."""
+    return ((0, 1), (0, 2)) if method == "msvcl" else ((0, 1),)
+
+
+def choose(n_views, n_styles, method: str, seed):
+    """What a sample is made of: per side (``view1``, ``view2``[, ``view3``]) a view and styles (a, b)
+    blended with alpha (eq. 2).
+
+    - ``simclr``: one random view of the breast twice, own style;
+    - ``mscl``: one random view in two different styles;
+    - ``mvcl``: the CC and the MLO, own style;
+    - ``msvcl``: both losses of the paper's synergy, sharing an anchor: side 1 the CC, side 2 the CC in
+      another style (the multi-style pair 1-2), side 3 the MLO in another style (the multi-view pair 1-3).
+
+    Multi-style positives are always two *different* styles of the source (the paper's C(M, 2) style
     pairs x 11 blends): one side is a pure style ``s``, the other any blend ``a * (1 - alpha) + b * alpha``
     of two styles with ``a != s`` and ``alpha`` in {0, 0.1, .., 0.5}, so ``s`` carries at most half of it
-    (every blend of eq. 2 is one of these up to swapping ``a`` and ``b``). Which side is pure is random.
-    Were the two sides drawn independently, a third of the pairs would share their style and style
-    itself would become a cue that matches positives: the opposite of the invariance sought."""
+    (every blend of eq. 2 is one of these up to swapping ``a`` and ``b``). Which side is pure is random
+    (for MSVCL: the anchor, or else both of its partners). Were the sides drawn independently, a third
+    of the pairs would share their style and style itself would become a cue that matches positives:
+    the opposite of the invariance sought. A breast with one view gives same-view pairs."""
     import tensorflow as tf
 
-    s = tf.random.experimental.stateless_split(seed, 7)
-    if method in ("mvcl", "msvcl"):  # CC with MLO of the same breast (same view twice if only one)
-        v1, v2 = tf.constant(0), tf.minimum(1, n_views - 1)
+    k = views_per_sample(method)
+    s = tf.random.experimental.stateless_split(seed, 9)
+    if method == "mvcl":  # CC with MLO of the same breast (same view twice if only one)
+        views = [tf.constant(0), tf.minimum(1, n_views - 1)]
+    elif method == "msvcl":
+        views = [tf.constant(0), tf.constant(0), tf.minimum(1, n_views - 1)]
     else:  # one random view of the breast, twice
-        v1 = v2 = _randint(s[0], n_views)
-    out = {"view1": v1, "view2": v2}
+        views = [_randint(s[0], n_views)] * 2
+    out = {f"view{i + 1}": v for i, v in enumerate(views)}
     if method in ("mscl", "msvcl"):
         pure = _randint(s[1], n_styles)
-        other = (pure + 1 + _randint(s[2], n_styles - 1)) % n_styles  # != pure (when there are 2+ styles)
-        partner = _randint(s[3], n_styles)
-        alpha = tf.cast(_randint(s[4], 6), tf.float32) / 10.0
-        sides = [(pure, pure, tf.constant(0.0)), (other, partner, alpha)]
-        first = tf.cast(_uniform(s[5]) < 0.5, tf.int32)  # which side is the pure one
-        for side, k in (("1", 0), ("2", 1)):
-            pick = tf.equal(first, k)
+        p_side = (pure, pure, tf.constant(0.0))
+
+        def blend(s1, s2, s3):  # any blend with at most half of ``pure``
+            other = (pure + 1 + _randint(s1, n_styles - 1)) % n_styles  # != pure (when there are 2+ styles)
+            return other, _randint(s2, n_styles), tf.cast(_randint(s3, 6), tf.float32) / 10.0
+
+        blends = [blend(s[2], s[3], s[4]), blend(s[6], s[7], s[8])]
+        anchor_pure = _uniform(s[5]) < 0.5
+        sides = [(anchor_pure, p_side, blends[0])] + [(anchor_pure, blends[i - 1], p_side) for i in range(1, k)]
+        for i, (pick, if_pure, if_blend) in enumerate(sides, start=1):
             for j, key in enumerate(("a", "b")):
-                out[f"style{side}_{key}"] = tf.where(pick, sides[0][j], sides[1][j])
-            out[f"alpha{side}"] = tf.where(pick, sides[0][2], sides[1][2])
+                out[f"style{i}_{key}"] = tf.where(pick, if_pure[j], if_blend[j])
+            out[f"alpha{i}"] = tf.where(pick, if_pure[2], if_blend[2])
     else:
-        for side in ("1", "2"):
-            out.update({f"style{side}_a": tf.constant(0), f"style{side}_b": tf.constant(0), f"alpha{side}": tf.constant(0.0)})
+        for i in range(1, k + 1):
+            out.update({f"style{i}_a": tf.constant(0), f"style{i}_b": tf.constant(0), f"alpha{i}": tf.constant(0.0)})
     return out
 
 
@@ -153,32 +181,64 @@ def evaluation_tiles(stored: np.ndarray, cfg: TrainConfig, min_breast: float = 0
     return crop_input(tf.constant(stored[..., None], tf.float32), tf.constant([boxes[i] for i in keep], tf.float32), cfg).numpy()
 
 
-def augment(stored, seed, cfg: TrainConfig):
-    """Stored-encoding float image (h, w, 1) -> augmented model input ``input_size`` (section IV-B)."""
+def breast_point(stored, seed):
+    """A random breast pixel of a stored-encoding image (h, w, 1) as fractions (y, x) of its sides
+    (anywhere when there is no breast). Every style of a view has the same mask, so the same seed gives
+    the same point in each."""
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(seed, 2)
+    breast = tf.cast(tf.where(stored[..., 0] >= 1.0), tf.float32)
+    return tf.cond(tf.shape(breast)[0] > 0,
+                   lambda: tf.gather(breast, _randint(s[0], tf.shape(breast)[0])) / tf.cast(tf.shape(stored)[:2], tf.float32),
+                   lambda: _uniform(s[1], (2,)))
+
+
+def crop_box(stored, seed, cfg: TrainConfig, point=None):
+    """A random crop (section IV-B) of a stored-encoding image (h, w, 1): box (y0, x0, y1, x1) as
+    fractions of the sides (area ``crop_scale``, aspect 3/4..4/3, kept inside the image) and its rotation
+    (radians). Centred on a random breast pixel, or, given ``point``, placed at random among the crops of
+    that size that contain it."""
     import tensorflow as tf
 
     c = cfg.contrastive
-    s = tf.random.experimental.stateless_split(seed, 7)
+    s = tf.random.experimental.stateless_split(seed, 5)
     area = _uniform(s[1], (), *c.crop_scale)
     ratio = tf.clip_by_value(tf.exp(_uniform(s[2], (), math.log(3 / 4), math.log(4 / 3))), area, 1 / area)  # crop fits
-    ch, cw = tf.sqrt(area * ratio), tf.sqrt(area / ratio)  # fractions of the image height and width
-    breast = tf.cast(tf.where(stored[..., 0] >= 1.0), tf.float32)  # crops are centred on a random breast pixel
-    centre = tf.cond(tf.shape(breast)[0] > 0,  # (no breast: anywhere)
-                     lambda: tf.gather(breast, _randint(s[3], tf.shape(breast)[0])) / tf.cast(tf.shape(stored)[:2], tf.float32),
-                     lambda: _uniform(s[4], (2,)))
-    y0 = tf.clip_by_value(centre[0] - ch / 2, 0.0, 1.0 - ch)
-    x0 = tf.clip_by_value(centre[1] - cw / 2, 0.0, 1.0 - cw)
+    size = tf.stack([tf.sqrt(area * ratio), tf.sqrt(area / ratio)])  # fractions of the image height and width
+    if point is None:
+        centre = breast_point(stored, s[3])
+    else:  # the crop contains ``point`` (still so once shifted inside the image)
+        centre = point + (_uniform(s[4], (2,)) - 0.5) * size
+    y0, x0 = tf.unstack(tf.clip_by_value(centre - size / 2, 0.0, 1.0 - size))
     angle = _uniform(s[0], (), -c.rotation_deg, c.rotation_deg) * math.pi / 180  # about the crop centre
-    x = crop_input(stored, tf.stack([y0, x0, y0 + ch, x0 + cw])[None], cfg, angle[None])[0]
-    x = tf.cond(_uniform(s[5]) < 0.5, lambda: tf.image.flip_left_right(x), lambda: x)
-    bc = _uniform(s[6], (2,), 1 - 0.8 * c.jitter, 1 + 0.8 * c.jitter)
+    return tf.stack([y0, x0, y0 + size[0], x0 + size[1]]), angle
+
+
+def augment(stored, seed, cfg: TrainConfig, point=None):
+    """Stored-encoding float image (h, w, 1) -> augmented model input ``input_size`` (section IV-B):
+    :func:`crop_box` (containing ``point`` when given), horizontal flip, intensity jitter."""
+    import tensorflow as tf
+
+    c = cfg.contrastive
+    s = tf.random.experimental.stateless_split(seed, 3)
+    box, angle = crop_box(stored, s[0], cfg, point)
+    x = crop_input(stored, box[None], cfg, angle[None])[0]
+    x = tf.cond(_uniform(s[1]) < 0.5, lambda: tf.image.flip_left_right(x), lambda: x)
+    bc = _uniform(s[2], (2,), 1 - 0.8 * c.jitter, 1 + 0.8 * c.jitter)
     x = x * bc[0]
     mean = tf.reduce_mean(x)
     return (x - mean) * bc[1] + mean  # not clipped: the outside constant of model_input may lie outside [0, 1]
 
 
 def pair_decoder(cfg: TrainConfig):
-    """(sample index, serialized pair record) -> ({"view1", "view2"}, 0) per ``contrastive.method``."""
+    """(sample index, serialized pair record) -> ({"view1", "view2"[, "view3"]}, 0) per ``contrastive.method``.
+
+    With ``contrastive.crop_overlap`` the crops of sides showing the same view (SimCLR's and MSCL's
+    two sides, MSVCL's multi-style pair) contain one common breast point: SimCLR's large crops
+    (8-100% of an image) nearly always overlap, small full-resolution crops placed independently
+    rarely do, and two crops of different tissue share little but the style, which then becomes the
+    cue that matches positives."""
     import tensorflow as tf
 
     from mammodg.records.pairs import parse_pair
@@ -186,16 +246,21 @@ def pair_decoder(cfg: TrainConfig):
     check(cfg)
     method = cfg.contrastive.method
     h, w = cfg.contrastive.input_size
+    k = views_per_sample(method)
 
     def decode(i, raw):
         r = parse_pair(raw)
         n_styles = tf.size(r["styles"])
-        seeds = tf.random.experimental.stateless_split(tf.stack([tf.cast(cfg.seed, tf.int64), i]), 3)
+        seeds = tf.random.experimental.stateless_split(tf.stack([tf.cast(cfg.seed, tf.int64), i]), k + 2)
         c = choose(tf.size(r["views"]), n_styles, method, seeds[0])
         views = {}
-        for side, seed in (("1", seeds[1]), ("2", seeds[2])):
-            img = _styled(r["images"], n_styles, c[f"view{side}"], c[f"style{side}_a"], c[f"style{side}_b"], c[f"alpha{side}"])
-            views[f"view{side}"] = tf.ensure_shape(augment(img, seed, cfg), [h, w, 1])
+        for side in range(1, k + 1):
+            view = c[f"view{side}"]
+            img = _styled(r["images"], n_styles, view, c[f"style{side}_a"], c[f"style{side}_b"], c[f"alpha{side}"])
+            point = None
+            if cfg.contrastive.crop_overlap:  # one point per view of the breast
+                point = breast_point(img, tf.random.experimental.stateless_fold_in(seeds[1], tf.cast(view, tf.int64)))
+            views[f"view{side}"] = tf.ensure_shape(augment(img, seeds[side + 1], cfg, point), [h, w, 1])
         return views, tf.constant(0.0)
 
     return decode
@@ -241,14 +306,17 @@ def _validate(cfg: TrainConfig):
 
     from mammodg.losses import nt_xent_per_anchor
 
+    pairs = positive_pairs(cfg.contrastive.method)
+
     def validate(model):
         losses, hits = [], []
-        for i, (x, _) in enumerate(validation_batches(cfg)):
-            if cfg.val_max_batches and i >= cfg.val_max_batches:
+        for b, (x, _) in enumerate(validation_batches(cfg)):
+            if cfg.val_max_batches and b >= cfg.val_max_batches:
                 break
-            z = model(x, training=False)
-            losses.append(keras.ops.convert_to_numpy(nt_xent_per_anchor(z[:, 0], z[:, 1], cfg.contrastive.temperature)))
-            hits.append(_retrieval_hits(keras.ops.convert_to_numpy(z)))
+            z = keras.ops.convert_to_numpy(model(x, training=False))
+            for i, j in pairs:
+                losses.append(keras.ops.convert_to_numpy(nt_xent_per_anchor(z[:, i], z[:, j], cfg.contrastive.temperature)))
+                hits.append(_retrieval_hits(z[:, i], z[:, j]))
         if not losses:
             raise ValueError(f"validation split {cfg.val_split!r} of {pairs_dir(cfg)} has fewer than 2 breasts")
         loss, acc = float(np.concatenate(losses).mean()), float(np.concatenate(hits).mean())
@@ -257,10 +325,10 @@ def _validate(cfg: TrainConfig):
     return validate
 
 
-def _retrieval_hits(z: np.ndarray) -> np.ndarray:
-    """For each of the 2N samples: is its most similar other sample its positive?"""
-    n = len(z)
-    flat = np.concatenate([z[:, 0], z[:, 1]])
+def _retrieval_hits(z1: np.ndarray, z2: np.ndarray) -> np.ndarray:
+    """For each of the 2N samples of a pair batch: is its most similar other sample its positive?"""
+    n = len(z1)
+    flat = np.concatenate([z1, z2])
     flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
     sim = flat @ flat.T
     np.fill_diagonal(sim, -np.inf)
@@ -308,8 +376,8 @@ def contrastive_task(cfg: TrainConfig) -> Task:
     return Task(
         build_model=lambda: models.build("contrastive_model", input_shape=(*c.input_size, 1),
                                          projection_dim=c.projection_dim, hidden_dim=c.hidden_dim,
-                                         weights=c.weights or None),
-        loss=NTXent(c.temperature),
+                                         weights=c.weights or None, views=views_per_sample(c.method)),
+        loss=NTXent(c.temperature, pairs=positive_pairs(c.method)),
         batches=lambda start: contrastive_batches(cfg, start),
         validate=_validate(cfg), learning_rate=cfg.learning_rate, optimizer=_optimizer(cfg))
 
