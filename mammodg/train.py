@@ -82,6 +82,10 @@ def _callback(trainer):
     class Cb(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             loss = (logs or {}).get("loss")
+            if trainer.bar is not None:
+                trainer.bar.update(1)
+                if loss is not None:
+                    trainer.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
             if loss is not None and not math.isfinite(float(loss)):
                 trainer.nan_step = trainer.step_of(batch)
                 self.model.stop_training = True
@@ -100,6 +104,7 @@ class Trainer:
         self.task = task
         self.nan_step = None
         self.epoch = 0
+        self.bar = None  # tqdm progress bar over the steps while training
         self.ckpt = self.run_dir / "last.keras"
         self.state_path = self.run_dir / "state.json"
         self.state = {"step": 0, "best": None, "best_step": None, "history": [], "done": False}
@@ -145,8 +150,11 @@ class Trainer:
         os.replace(self.run_dir / ".last.keras", self.ckpt)
         atomic_json(self.state_path, self.state)
         atomic_json(self.run_dir / "history.json", self.state["history"])
-        print(f"step {step}: loss {entry['train_loss']:.4f}  val monitor {monitor:.4f}"
-              f"{'  (best)' if improved else ''}", flush=True)
+        line = f"step {step}: loss {entry['train_loss']:.4f}  val monitor {monitor:.4f}{'  (best)' if improved else ''}"
+        if self.bar is not None:
+            self.bar.write(line)  # above the progress bar
+        else:
+            print(line, flush=True)
 
     def run(self):
         """Train to ``cfg.steps`` (resuming when a checkpoint exists); returns the model with best EMA weights."""
@@ -177,8 +185,16 @@ class Trainer:
             self.writer = tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
             self.epoch = self.state["step"] // cfg.val_every
             data = self.task.batches(self.state["step"])
-            model.fit(data, steps_per_epoch=cfg.val_every, epochs=cfg.steps // cfg.val_every,
-                      initial_epoch=self.epoch, callbacks=[_callback(self), _EpochCounter(self)], verbose=0)
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=self.state["step"], desc=f"train {cfg.stage}", unit="step",
+                            mininterval=5, dynamic_ncols=True)
+            try:
+                model.fit(data, steps_per_epoch=cfg.val_every, epochs=cfg.steps // cfg.val_every,
+                          initial_epoch=self.epoch, callbacks=[_callback(self), _EpochCounter(self)], verbose=0)
+            finally:
+                self.bar.close()
+                self.bar = None
             if self.nan_step is not None:
                 raise TrainingError(f"loss became NaN/inf at step {self.nan_step}; last good checkpoint: "
                                     f"{self.ckpt} (step {self.state['step']}). Lower learning_rate or check the data.")
