@@ -49,7 +49,7 @@ def cmd_pairs(args) -> int:
 
     transfer = None
     if args.cyclegan:
-        from mammodg.stages.cyclegan import StyleTransfer
+        from mammodg.records.styles import StyleTransfer
 
         transfer = StyleTransfer.load(args.cyclegan)
     index = build_pairs(args.data, args.out, transfer=transfer, size=tuple(args.size) if args.size else None,

@@ -12,7 +12,8 @@ from mammodg import models
 from mammodg.cli import main
 from mammodg.config import CycleGANConfig, TrainConfig
 from mammodg.models.cyclegan import patchgan_discriminator, resnet_generator
-from mammodg.stages.cyclegan import CycleGAN, ImagePool, StyleTransfer, breast_crop, linear_decay, train_pair
+from mammodg.records.styles import StyleTransfer
+from mammodg.stages.cyclegan import CycleGAN, ImagePool, breast_crop, linear_decay, train_pair
 from mammodg.train import TrainingError
 
 TINY = ["cyclegan.crop_size=32", "cyclegan.generator_filters=4", "cyclegan.generator_blocks=2",

@@ -123,7 +123,7 @@ def build_pairs(data_dir, out, *, transfer=None, size: tuple[int, int] | None = 
                 shard_size: int = 256, progress: bool = True) -> dict:
     """Image records of ``data_dir`` -> breast-level pair records in ``out`` (see the module docstring).
 
-    ``transfer``: a :class:`mammodg.stages.cyclegan.StyleTransfer` (``styles`` and ``transfer(images01,
+    ``transfer``: a :class:`mammodg.records.styles.StyleTransfer` (``styles`` and ``transfer(images01,
     masks, src, dst)``) or None (own style only). ``size`` (rows, cols) resizes every rendering (contrastive
     inputs are usually smaller than the 1152x832 records); transfers run before, at the stored scale the
     CycleGAN was trained on (a generator applied to a downsized image sees noise and edges it never saw). Returns the ``dataset.json``

@@ -418,7 +418,7 @@ def prepare(cfg: TrainConfig) -> Path:
         run_stage("cyclegan", gan_cfg)
     transfer = None
     if multi_style and c.cyclegan_run:
-        from mammodg.stages.cyclegan import StyleTransfer
+        from mammodg.records.styles import StyleTransfer
 
         transfer = StyleTransfer.load(c.cyclegan_run)
     elif multi_style:
