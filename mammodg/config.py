@@ -1,15 +1,26 @@
 """Typed configuration: dataclasses loaded from YAML, unknown keys rejected, ``--set a.b=c`` overrides.
 
-Each stage's defaults live here once; CLI flags never repeat them.
+Each stage's defaults live here once; CLI flags never repeat them. Choice fields are ``Literal`` types:
+the allowed values are checked at load and named in the error. The shipped configs (``configs/``) are
+package data, found by name (``demo/contrastive.yaml``) through :func:`config_path`.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kB; anything over 1 MiB is refused
+MAX_CONFIG_NODES = 100_000  # values after YAML alias expansion (an alias bomb expands to billions)
+
+Strategy = Literal["periodic", "balanced_segments", "balanced_labels", "natural"]
+VoiPolicy = Literal["auto", "none", "always"]
+ContrastiveMethod = Literal["simclr", "mscl", "mvcl", "msvcl"]
+ContrastiveOptimizer = Literal["sgd", "adamw"]
 
 
 class ConfigError(ValueError):
@@ -26,7 +37,7 @@ class PreprocessConfig:
     # then cropped/padded to (height, width) (MSVCL v2, section IV-A).
     target_spacing_mm: float | None = None
     # VOI policy, see mammodg.io.dicom: "auto" | "none" | "always".
-    voi: str = "auto"
+    voi: VoiPolicy = "auto"
     # Mean pixel value every model input image gets (pixels outside the breast take the constant
     # that produces it). Applied when records are decoded, see mammodg.records.schema.
     target_mean: float = 0.25
@@ -58,6 +69,10 @@ def _field_type(cls, name):
 def _coerce(value: Any, tp, where: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {_short(value)}")
+        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -90,13 +105,34 @@ def _coerce(value: Any, tp, where: str):
     if tp is str and value is None:  # `--set key=` (empty YAML value) clears a string field
         return ""
     if tp in (int, float, str):
+        if isinstance(value, (list, tuple, dict)):  # never str() a (possibly alias-expanded) structure
+            raise ConfigError(f"{where}: expected {tp.__name__}, got a {type(value).__name__}")
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return tp(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {_short(value)}") from None
     return value
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_size(data, where: str) -> None:
+    """Refuse a structure with more than MAX_CONFIG_NODES values (counted without expanding it all)."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} values (a YAML alias bomb?); refused")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def from_dict(cls, data: dict, where: str = "config"):
@@ -125,25 +161,64 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: not a valid YAML value ({str(e).splitlines()[0]})") from None
+        _check_size(value, f"--set {key}")
+        node[parts[-1]] = value
     return data
 
 
+def shipped_configs():
+    """The folder of the configs shipped with the package (``demo/``, ``msvcl/``, ``periodic_sampling/``)."""
+    return importlib.resources.files("mammodg") / "configs"
+
+
+def config_path(name: str | Path):
+    """A config file by path, or else by its name among the shipped configs (``demo/contrastive.yaml``,
+    also written ``configs/demo/contrastive.yaml``). A missing file is a ConfigError, never a default."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    if parts and not path.is_absolute():
+        shipped = shipped_configs().joinpath(*parts)
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(f"config file not found: {name} (neither a file nor a shipped config; shipped: "
+                      f"{', '.join(list_shipped_configs())})")
+
+
+def list_shipped_configs() -> list[str]:
+    return sorted(f"{d.name}/{f.name}" for d in shipped_configs().iterdir() if d.is_dir()
+                  for f in d.iterdir() if f.name.endswith(".yaml"))
+
+
+def default_config(stage: str):
+    """The embedded default of ``mammodg train --stage S``: the shipped ``demo/<stage>.yaml``."""
+    return config_path(f"demo/{stage}.yaml")
+
+
 def load(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Load dataclass ``cls`` from an optional YAML file plus overrides."""
+    """Load dataclass ``cls`` from an optional YAML file (a path or a shipped config name) plus overrides."""
     data: dict = {}
     where = "config"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = config_path(path)
+        raw = path.read_bytes()
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {len(raw)} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(raw.decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         where = str(path)
+        _check_size(data, where)
     data = apply_overrides(data, overrides)
     return from_dict(cls, data, where)
 
@@ -174,7 +249,7 @@ class CycleGANConfig:
 class ContrastiveConfig:
     """``--stage contrastive`` (MSVCL v2 sections III-A/B, IV-B)."""
 
-    method: str = "msvcl"  # simclr | mscl | mvcl | msvcl
+    method: ContrastiveMethod = "msvcl"
     pairs_dir: str = ""  # breast-level pair records (mammodg build-pairs); default <run_dir>/../pairs
     cyclegan_run: str = ""  # run folder of a cyclegan stage: styles are rendered with its generators
     cyclegan_config: str = ""  # config to train ``cyclegan_run`` first when it does not exist yet (demo)
@@ -183,7 +258,7 @@ class ContrastiveConfig:
     temperature: float = 0.1
     projection_dim: int = 128
     hidden_dim: int = 2048
-    optimizer: str = "sgd"  # sgd (SimCLR scaling: peak learning_rate * batch / 256) | adamw (peak learning_rate)
+    optimizer: ContrastiveOptimizer = "sgd"  # sgd: SimCLR scaling, peak learning_rate * batch / 256; adamw: peak learning_rate
     weight_decay: float = 1e-6
     warmup_steps: int = 0
     crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.6, 1.0])  # crop area fraction range
@@ -202,7 +277,7 @@ class TrainConfig:
     run_dir: str = ""  # default: runs/<stage>
     train_split: str = "train"
     val_split: str = "val"
-    strategy: str = "periodic"  # periodic | balanced_segments | balanced_labels | natural
+    strategy: Strategy = "periodic"
     batch_size: int = 24
     steps: int = 150000
     val_every: int = 1000

@@ -32,3 +32,68 @@ def test_empty_override_clears_a_string_field():
 
     assert load(TrainConfig, None, ["init_from=runs/p"]).init_from == "runs/p"
     assert load(TrainConfig, None, ["init_from="]).init_from == ""
+
+
+def _config_class(path):
+    from mammodg.config import TrainConfig
+
+    return BuildConfig if path.name == "build.yaml" else TrainConfig
+
+
+def test_every_shipped_config_loads():
+    """Every YAML under configs/ loads into its dataclass (found as package data, not by a repo path)."""
+    from mammodg.config import list_shipped_configs, shipped_configs
+
+    names = list_shipped_configs()
+    assert {"demo/contrastive.yaml", "msvcl/contrastive.yaml", "periodic_sampling/classifier.yaml"} <= set(names)
+    for name in names:
+        path = shipped_configs() / name
+        cfg = load(_config_class(path), name)
+        if _config_class(path) is not BuildConfig:
+            assert cfg.stage == name.split("/")[1].removesuffix(".yaml"), name
+
+
+def test_config_by_name_and_missing_name():
+    from mammodg.config import TrainConfig, config_path, default_config
+
+    assert config_path("configs/demo/patch.yaml").read_text() == config_path("demo/patch.yaml").read_text()
+    assert load(TrainConfig, default_config("contrastive")).stage == "contrastive"
+    with pytest.raises(ConfigError, match="nope/x.yaml.*shipped: demo/build.yaml"):
+        config_path("nope/x.yaml")
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("strategy=periodical", "'balanced_labels'"), ("contrastive.method=moco", "'msvcl'"),
+    ("contrastive.optimizer=lars", "'adamw'")])
+def test_choice_fields_name_the_allowed_values(override, allowed):
+    from mammodg.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]}: must be one of .*{allowed}"):
+        load(TrainConfig, None, [override])
+    with pytest.raises(ConfigError, match="preprocess.voi: must be one of \\['auto', 'none', 'always'\\]"):
+        load(BuildConfig, None, ["preprocess.voi=sometimes"])
+
+
+def test_alias_bomb_is_refused_without_expanding(tmp_path):
+    """530 bytes of YAML aliases expand to 9**9 values; neither the count nor str() may expand them."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nseed: *a8\n")
+    with pytest.raises(ConfigError, match="alias bomb"):
+        load(BuildConfig, bomb)
+    with pytest.raises(ConfigError, match="seed: expected int, got a list"):
+        load(BuildConfig, None, ["seed=[1, 2]"])
+
+
+def test_bad_files_and_set_values(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\nseed: 1\n")
+    with pytest.raises(ConfigError, match="over the 1048576-byte limit"):
+        load(BuildConfig, big)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"# caf\xe9\nseed: 1\n")
+    with pytest.raises(ConfigError, match="not UTF-8 \\(byte 5\\)"):
+        load(BuildConfig, latin)
+    with pytest.raises(ConfigError, match="--set 'segment_keys=\\[source': not a valid YAML value"):
+        load(BuildConfig, None, ["segment_keys=[source"])
