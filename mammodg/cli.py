@@ -6,6 +6,7 @@ rejected (listed in ``<out>/rejects.csv``); 2 nothing was built (bad manifest, c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -103,8 +104,29 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def quiet_tensorflow() -> None:
+    """Import TensorFlow without its start-up chatter (oneDNN and CPU-feature lines, absl's preamble: written
+    to the stderr file descriptor during the import) and keep its later C++ and Python logs to errors.
+    ``mammodg -v`` skips this and shows everything."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    tf.get_logger().setLevel("ERROR")
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mammodg", description="Mammography training across hospitals and vendors.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show TensorFlow's start-up and log messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-tfrecords", help="DICOM + manifest -> per-segment TFRecord shards and dataset.json")
@@ -152,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_evaluate)
 
     args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_tensorflow()
     from mammodg.config import ConfigError
     from mammodg.io.manifest import ManifestError
 
