@@ -1,4 +1,4 @@
-"""Tests of the synthetic mammography phantom generator (mammodg.io.phantom)."""
+"""Tests of the synthetic mammography phantom generator (mammodg.phantom)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from mammodg.io import phantom as ph
+from mammodg import phantom as ph
 
 SCALE = 0.25
 SEED = 3
