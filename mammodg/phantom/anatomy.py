@@ -242,10 +242,11 @@ def sample_patient(rng: np.random.Generator, patient_index: int) -> list[Breast]
 
 
 def landmarks(breast: Breast, view: str, style: Style, *, scale: float = 1.0) -> dict:
-    """True landmarks of the image :func:`~mammodg.phantom.render.render` makes of this breast and view.
+    """True landmarks of the image that :func:`~mammodg.phantom.render.render` makes of a breast view.
 
     Stored-pixel coordinates (x column, y row, continuous; pixel i spans [i, i + 1)), mirrored like
-    the image for right breasts. ``nipple``: (x, y) of the nipple centre at the apex of the outline.
+    the image for right breasts. ``nipple``: (x, y) of the nipple's tip, the point of the breast
+    farthest from the chest wall (the nipple is a bump of ``nipple_radius_mm`` on the outline's apex).
     ``chest_wall``: two points (x, y) of a line; in CC the image edge on the chest-wall side, in MLO
     the pectoral line (the chord of the muscle edge from the top edge of the field to the chest wall).
     """
@@ -263,4 +264,4 @@ def landmarks(breast: Breast, view: str, style: Style, *, scale: float = 1.0) ->
     else:
         width, height, _ = geom.pec
         wall = (pixel(width, geom.v_top), pixel(0.0, geom.v_top + height))
-    return {"nipple": pixel(geom.D, geom.vn), "chest_wall": wall}
+    return {"nipple": pixel(geom.D + geom.nip_r, geom.vn), "chest_wall": wall}
