@@ -1,8 +1,8 @@
 """Lesions: masses and calcification clusters, placed in breast millimetres, drawn on the detector grid.
 
 :func:`sample_lesion` places a lesion so that it fits inside the breast (and outside the muscle) in
-both views; :func:`lesion_patch` draws its attenuation on a patch of detector pixels, so
-calcifications stay crisp at every pixel spacing and boxes come from what was actually drawn.
+both views; :func:`draw_lesions` adds each lesion's attenuation (:func:`lesion_patch`) on the
+detector grid, so calcifications stay crisp at every pixel spacing, and boxes what was drawn.
 """
 from __future__ import annotations
 
@@ -85,7 +85,13 @@ def _seg_dist(px, py, sx, sy, ex, ey):
 
 
 def lesion_patch(les: Lesion, du, dv, eff: float, rot: float):
-    """Attenuation added by a lesion on a patch; du/dv are mm offsets from the lesion centre."""
+    """Attenuation a lesion adds on a patch; ``du``/``dv`` are mm offsets from the lesion centre,
+    ``eff`` the detector pixel size (mm), ``rot`` the view's extra rotation of the shape.
+
+    Benign masses are circumscribed ellipses, malignant ones irregular with an indistinct margin and
+    spicules; benign calcifications are a few coarse dots, malignant ones a pleomorphic cluster of
+    dots and short linear forms, mostly along 1-3 branches.
+    """
     rng = np.random.default_rng([int(les.shape_seed), 5])
     phi = rng.uniform(0, np.pi) + rot
     c, s = math.cos(phi), math.sin(phi)
