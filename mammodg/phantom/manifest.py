@@ -115,6 +115,6 @@ def make_phantoms(
         w.writeheader()
         for _, r in rows:
             w.writerow(r)
-    marks = {r["image_path"]: marks[r["image_path"]] for _, r in rows}  # in manifest order
-    (out / "landmarks.json").write_text(json.dumps(marks, indent=1) + "\n", encoding="utf-8")
+    lines = [f'{json.dumps(r["image_path"])}: {json.dumps(marks[r["image_path"]])}' for _, r in rows]
+    (out / "landmarks.json").write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")  # an image a line
     return manifest
