@@ -56,7 +56,7 @@ def main():
     import keras
 
     from mammodg.config import BuildConfig, PreprocessConfig, TrainConfig, load
-    from mammodg.io.phantom import make_phantoms
+    from mammodg.phantom import make_phantoms
     from mammodg.losses import NTXent
     from mammodg.models.resnet import contrastive_model
     from mammodg.records.pairs import build_pairs

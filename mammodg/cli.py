@@ -37,7 +37,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_phantoms(args) -> int:
-    from mammodg.io.phantom import make_phantoms
+    from mammodg.phantom import make_phantoms
 
     path = make_phantoms(args.out, patients=args.patients, styles=args.styles, seed=args.seed,
                          scale=args.scale, all_styles=args.all_styles, progress=not args.quiet)

@@ -48,7 +48,7 @@ PHANTOM_SCALE = 0.5  # matrix size of the demo phantoms (x the detector's); the 
 def build_demo_dataset(out: Path, *, patients: int = 48, styles: int = 3, scale: float = PHANTOM_SCALE,
                        progress: bool = True):
     from mammodg.config import BuildConfig
-    from mammodg.io.phantom import make_phantoms
+    from mammodg.phantom import make_phantoms
     from mammodg.records.writer import build
 
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def heldout_phantoms(out: Path, patients: int, contrastive_config: str) -> Path:
     data's phantom styles, made and built like the demo data (all in the train split)."""
     from mammodg.config import BuildConfig, TrainConfig, load
     from mammodg.demo import PHANTOM_SCALE
-    from mammodg.io.phantom import make_phantoms
+    from mammodg.phantom import make_phantoms
     from mammodg.records.reader import load_index
     from mammodg.records.writer import build
 

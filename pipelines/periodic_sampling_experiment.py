@@ -6,7 +6,7 @@ malignant rates; Table 2: AUC on a held-out segment; Figure 4: ROC / AUC on each
 
 What it does, with the package only (nothing is re-implemented here):
 
-1. **Segments** (``mammodg.io.phantom.make_phantoms``, one vendor style per call, manifest post-processed):
+1. **Segments** (``mammodg.phantom.make_phantoms``, one vendor style per call, manifest post-processed):
 
    * ``S1`` (style VendorA): a large segment with many malignant images. All malignant patients are kept
      and only ``--s1-benign-keep`` of the benign patients, so that ~30-35 % of its images are malignant
@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 STRATEGIES = ("periodic", "balanced_labels", "balanced_segments", "natural")
 STRATEGY_NAMES = {"periodic": "P. sampling", "balanced_labels": "Bal. labels",
                   "balanced_segments": "Bal. segments", "natural": "natural"}
-# segment id -> index of the vendor style in mammodg.io.phantom.default_styles(3)
+# segment id -> index of the vendor style in mammodg.phantom.default_styles(3)
 SEGMENT_STYLE = {"S1": 0, "S2": 1, "S3": 2}
 SALT = "periodic-sampling-experiment"
 
@@ -118,7 +118,7 @@ def _log(msg: str) -> None:
 def make_segments(args, out: Path) -> tuple[Path, dict]:
     """Render the three segments with make_phantoms and write the shaped, combined manifest."""
     from mammodg.io.manifest import OPTIONAL, REQUIRED
-    from mammodg.io.phantom import default_styles, make_phantoms
+    from mammodg.phantom import default_styles, make_phantoms
 
     styles = default_styles(3)
     spec = {"S1": args.s1_patients, "S2": args.s2_patients, "S3": args.s3_patients}

@@ -15,7 +15,7 @@ def real_cases():
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):
     """A few hundred small phantoms: 64 patients x 4 views in 3 styles; returns the manifest path."""
-    from mammodg.io.phantom import make_phantoms
+    from mammodg.phantom import make_phantoms
 
     out = tmp_path_factory.mktemp("phantoms")
     return make_phantoms(out, patients=64, styles=3, seed=1, scale=0.25, progress=False)

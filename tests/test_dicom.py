@@ -154,7 +154,7 @@ def test_rejections_files(tmp_path):
 
 
 def test_truncated_jpeg2000(tmp_path):
-    from mammodg.io.phantom import default_styles, render, sample_patient, write_dicom
+    from mammodg.phantom import default_styles, render, sample_patient, write_dicom
 
     style = next(s for s in default_styles(3) if "2000" in s.transfer_syntax.name)
     breast = sample_patient(np.random.default_rng(0), 0)[0]

@@ -1,4 +1,4 @@
-"""Tests of the synthetic mammography phantom generator (mammodg.io.phantom)."""
+"""Tests of the synthetic mammography phantom generator (mammodg.phantom)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from mammodg.io import phantom as ph
+from mammodg import phantom as ph
 
 SCALE = 0.25
 SEED = 3
@@ -332,3 +332,144 @@ def test_determinism(tmp_path):
     for r in rows4:
         np.testing.assert_array_equal(pydicom.dcmread(m4.parent / r["image_path"]).pixel_array,
                                       pydicom.dcmread(m1.parent / r["image_path"]).pixel_array)
+
+
+# ---------------------------------------------------------------------------------------------
+# The package's modules, each on its own
+def test_manifest_reads_back_with_the_manifest_parser(dataset):
+    from mammodg.io.manifest import OPTIONAL, REQUIRED, read_manifest
+
+    out, manifest, header, rows, _ = dataset
+    assert sorted(ph.MANIFEST_COLUMNS) == sorted(REQUIRED + OPTIONAL)
+    good, bad, ignored = read_manifest(manifest)
+    assert bad == [] and ignored == [] and len(good) == len(rows)
+    for g, r in zip(good, rows):
+        assert g.image_path == out / r["image_path"] and g.label == int(r["label"])
+        assert len(g.lesions) == len(_parse_boxes(r["boxes"]))
+
+
+def test_apply_style_matches_the_formula():
+    from mammodg.phantom.styles import apply_style
+
+    s = np.linspace(0, 1, 4096, dtype=np.float32).reshape(64, 64)
+    for photometric in ("MONOCHROME2", "MONOCHROME1"):
+        st = ph.Style("T", gamma=1.3, contrast=0.8, brightness=0.03, pivot=0.4, noise_sigma=0.0,
+                      sharpen=0.0, bits_stored=12, photometric=photometric)
+        px = apply_style(s.copy(), st, np.random.default_rng(0))
+        ref = np.floor(np.clip(0.4 + 0.8 * (s.astype(np.float64) ** 1.3 - 0.4) + 0.03, 0, 1) * 4095 + 0.5)
+        if photometric == "MONOCHROME1":
+            ref = 4095 - ref
+        assert px.dtype == np.uint16
+        assert np.abs(px.astype(np.int64) - ref).max() <= 1  # float32 vs float64 rounding
+
+
+@pytest.mark.parametrize("corr_px", [0.0, 1.0, 2.5])
+def test_apply_style_noise_has_the_stated_std(corr_px):
+    from mammodg.phantom.styles import apply_style
+
+    level = 0.36  # noise std = noise_sigma * (0.6 + 0.7 * sqrt(level)) = noise_sigma * 1.02
+    st = ph.Style("T", noise_sigma=0.02, noise_corr_px=corr_px, bits_stored=16)
+    px = apply_style(np.full((256, 256), level, np.float32), st, np.random.default_rng(1))
+    std = (px.astype(np.float64) / st.max_value).std()
+    assert std == pytest.approx(0.02 * 1.02, rel=0.1)
+
+
+@pytest.mark.parametrize("laterality", ["L", "R"])
+def test_draw_lesions_boxes_the_lesion_where_it_is(laterality):
+    from mammodg.phantom.anatomy import Geometry
+    from mammodg.phantom.lesions import draw_lesions
+
+    eff, rows, cols = 0.5, 480, 384
+    breast = ph.Breast(patient_index=0, laterality=laterality, density=2, cc_offset_mm=6.0)
+    breast.lesions = [ph.Lesion("mass", False, (50.0, -10.0), 6.0, "3", 0.0, 11)]
+    A = np.ones((rows, cols), np.float32)  # all breast
+    boxes = draw_lesions(A, breast, Geometry(breast, "CC"), eff)
+    assert [(b["lesion_class"], b["birads"]) for b in boxes] == [("benign_mass", "3")]
+    x0, y0, x1, y1 = boxes[0]["box"]
+    cx = 50.0 / eff if laterality == "L" else cols - 50.0 / eff  # chest wall at x = 0 for L, = cols for R
+    cy = (6.0 - 10.0) / eff + rows / 2
+    assert abs((x0 + x1) / 2 - cx) <= 1.0 and abs((y0 + y1) / 2 - cy) <= 1.0
+    long_side = max(x1 - x0, y1 - y0)
+    assert 2 * 6.0 / eff - 2 <= long_side <= 2 * 6.0 / eff + 2  # the mass's diameter
+    assert A.max() > 1.3 and (A > 1).sum() > 0.5 * (x1 - x0) * (y1 - y0)  # drawn into A, in place
+
+
+def test_write_dicom_round_trips_every_lossless_syntax(tmp_path):
+    from mammodg.phantom.dicom_writer import write_dicom
+
+    breast = ph.Breast(patient_index=3, laterality="R", density=1)
+    rng = np.random.default_rng(0)
+    for st in ph.default_styles(4):  # Explicit VR LE, RLE, JPEG 2000 lossless, JPEG-LS lossless
+        assert st.transfer_syntax in ph.LOSSLESS_SYNTAXES
+        px = rng.integers(0, st.max_value + 1, size=(64, 48)).astype(np.uint16)
+        path = tmp_path / st.name / "x.dcm"
+        write_dicom(path, px, style=st, breast=breast, view="MLO", patient_id="PHX", scale=0.5)
+        ds = pydicom.dcmread(path)
+        np.testing.assert_array_equal(ds.pixel_array, px)
+        assert ds.file_meta.TransferSyntaxUID == st.transfer_syntax
+        assert (ds.Rows, ds.Columns, ds.BitsStored) == (64, 48, st.bits_stored)
+        assert float(ds.PixelSpacing[0]) == pytest.approx(st.pixel_spacing_mm / 0.5, rel=1e-5)
+        assert (ds.ImageLaterality, ds.ViewPosition, ds.PatientID) == ("R", "MLO", "PHX")
+
+
+def _breast_mono2(px: np.ndarray, style) -> np.ndarray:
+    a = px.astype(np.float64) / style.max_value
+    return 1 - a if style.photometric == "MONOCHROME1" else a
+
+
+def test_landmarks_match_the_pixels():
+    """The nipple tip is where the breast ends on the nipple's row; the pectoral line separates
+    the bright muscle from the breast; the CC chest wall is the image edge."""
+    styles = ph.default_styles(5)
+    scale = 0.25
+    muscle_margin = []
+    for i in range(5):
+        st = styles[i]
+        eff = st.pixel_spacing_mm / scale
+        for br in ph.sample_patient(np.random.default_rng([1, i]), i):
+            br.lesions = []
+            for view in ("CC", "MLO"):
+                a = _breast_mono2(ph.render(br, view, st, scale=scale)[0], st)
+                rows, cols = a.shape
+                lm = ph.landmarks(br, view, st, scale=scale)
+                x, y = lm["nipple"]
+                left = br.laterality == "L"
+                bg = np.median(a[:, -5:] if left else a[:, :5])
+                breast_cols = np.nonzero(a[int(y)] > bg + 0.05)[0]
+                tip = breast_cols.max() + 1 if left else breast_cols.min()
+                assert abs(tip - x) * eff < 1.5, (i, br.laterality, view, tip, x)
+                (x0, y0), (x1, y1) = lm["chest_wall"]
+                if view == "CC":
+                    assert x0 == x1 == (0.0 if left else cols) and (y0, y1) == pytest.approx((0, rows))
+                    continue
+                p0, p1 = np.array([x0, y0]), np.array([x1, y1])
+                assert p0[1] == pytest.approx(0, abs=1) and p1[0] == (0.0 if left else cols)
+                d = (p1 - p0) / np.linalg.norm(p1 - p0)
+                normal = np.array([-d[1], d[0]])
+                if np.dot(np.array([0 if left else cols, 0]) - p0, normal) < 0:
+                    normal = -normal  # toward the corner the muscle fills
+                sides = []
+                for sign in (1, -1):  # 5 mm into the muscle, 5 mm into the breast
+                    pts = [p0 + t * (p1 - p0) + sign * normal * 5 / eff for t in np.linspace(0.2, 0.8, 15)]
+                    sides.append(np.mean([a[int(q[1]), int(q[0])] for q in pts]))
+                muscle_margin.append(sides[0] - sides[1])
+    assert min(muscle_margin) > 0 and np.mean(muscle_margin) > 0.05, muscle_margin
+
+
+def test_landmarks_json(dataset):
+    import json
+
+    out, _, _, rows, dss = dataset
+    marks = json.loads((out / "landmarks.json").read_text())
+    assert list(marks) == [r["image_path"] for r in rows]
+    styles = {s.name: s for s in ph.default_styles(N_STYLES)}
+    r = rows[-1]
+    i = int(r["patient_id"][2:])
+    breast = {b.laterality: b for b in ph.sample_patient(np.random.default_rng([SEED, i]), i)}[r["laterality"]]
+    st = styles[r["image_path"].split("/")[0]]
+    expected = ph.landmarks(breast, r["view"], st, scale=SCALE)
+    assert marks[r["image_path"]] == json.loads(json.dumps(expected))
+    for r in rows:
+        ds = dss[r["image_path"]]
+        x, y = marks[r["image_path"]]["nipple"]
+        assert 0 < x < ds.Columns and 0 < y < ds.Rows
