@@ -164,6 +164,11 @@ def test_cbis_ddsm(cbis, tmp_path, capsys):
     assert not bad and len(manifest_rows) == 3
     assert "image_not_found: 1" in out and "missing_description_csv: 1" in out and "roi_mask_not_found: 1" in out
     assert "images 3   patients 3   label 0: 1   label 1: 2" in out
+    assert "P_000" not in out  # counts only on the terminal; the details, naming rows, in a file
+    with open(tmp_path / "m.skipped.csv", newline="") as f:
+        details = {r["reason"]: r["detail"] for r in csv.DictReader(f)}
+    assert details["image_not_found"].startswith("calc_case_description_test_set.csv row 4: no DICOM file")
+    assert details["roi_mask_not_found"].startswith("calc_case_description_test_set.csv row 3:")
 
 
 # ---------------------------------------------------------------------------------------------- VinDr-Mammo

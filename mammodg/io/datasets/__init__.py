@@ -30,5 +30,11 @@ def convert(name: str, root: str | Path, out: str | Path, cfg: DatasetConfig | N
     rows = module.read(root, cfg, summary)
     for row in rows:
         summary.add(row)
-    write_manifest(rows, Path(out), module.EXTRA_COLUMNS)
+    out = Path(out)
+    write_manifest(rows, out, module.EXTRA_COLUMNS)
+    details = out.with_name(f"{out.stem}.skipped.csv")
+    if summary.details:
+        summary.write_details(details)
+    elif details.is_file():  # from an earlier run
+        details.unlink()
     return summary

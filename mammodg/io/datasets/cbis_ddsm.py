@@ -102,7 +102,8 @@ def read(root: Path, cfg: DatasetConfig, summary: Summary) -> list[dict]:
                 continue
             full = cases.get(case, [])
             if len(full) != 1:
-                summary.skip("image_not_found", f"{where}: {len(full)} DICOM file(s) in case folder {case}")
+                what = "no DICOM file" if not full else f"{len(full)} DICOM files (expected one)"
+                summary.skip("image_not_found" if not full else "several_images", f"{where}: {what} in case folder {case}")
                 continue
             if case not in images:
                 ds = _header(full[0])
@@ -119,7 +120,9 @@ def read(root: Path, cfg: DatasetConfig, summary: Summary) -> list[dict]:
             birads = birads_of(rec["assessment"])
             img["birads"].append(birads)
             roi = _case_of(rec["roi mask file path"])
-            mask = _pick_mask(cases.get(roi, []), img["shape"]) if roi.startswith(case + "_") else None
+            if not roi.startswith(case + "_"):  # fall back on the abnormality id
+                roi = f"{case}_{rec['abnormality id']}"
+            mask = _pick_mask(cases.get(roi, []), img["shape"])
             if mask is None:
                 summary.note("roi_mask_not_found", f"{where}: no ROI mask in folder {roi!r}; image kept without this box")
                 continue

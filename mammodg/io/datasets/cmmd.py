@@ -52,8 +52,11 @@ def read(root: Path, cfg: DatasetConfig, summary: Summary) -> list[dict]:
             summary.skip("unreadable_dicom", f"{p.relative_to(root)}: {type(e).__name__}")
             continue
         side = laterality_of(ds)
+        if not side:
+            summary.skip("no_laterality_in_dicom", f"{p.relative_to(root)}: the breast cannot be matched to its clinical row")
+            continue
         if (patient, side) not in clinical:
-            summary.skip("no_clinical_row_for_breast", f"{p.relative_to(root)}: {patient} laterality {side or 'unknown'!r}")
+            summary.skip("no_clinical_row_for_breast", f"{p.relative_to(root)}: {patient} {side}")
             continue
         images[(patient, side)].append((p, view_of(ds)))
 

@@ -33,7 +33,11 @@ class DatasetError(ValueError):
 
 @dataclasses.dataclass
 class Summary:
-    """What a conversion wrote and what it left out, with reasons (printed by ``mammodg manifest``)."""
+    """What a conversion wrote and what it left out, with reasons (printed by ``mammodg manifest``).
+
+    The printed summary holds counts only; the details, which name files and rows, go to
+    ``<manifest>.skipped.csv`` next to the manifest (as ``rejects.csv`` does for a build).
+    """
 
     dataset: str
     files_read: list[str] = dataclasses.field(default_factory=list)
@@ -43,22 +47,18 @@ class Summary:
     boxes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # rows left out
     notes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # kept, but something dropped
-    examples: dict = dataclasses.field(default_factory=dict)  # reason -> first few details
-
-    def _example(self, reason: str, detail: str) -> None:
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < 3:
-            ex.append(detail)
+    details: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (skipped|dropped, reason, detail)
+    details_path: Path | None = None
 
     def skip(self, reason: str, detail: str) -> None:
-        """A metadata row or an image left out of the manifest; ``detail`` names the file and line."""
+        """A metadata row or an image left out of the manifest; ``detail`` names the file and row."""
         self.skipped[reason] += 1
-        self._example(reason, detail)
+        self.details.append(("skipped", reason, detail))
 
-    def note(self, reason: str, detail: str, n: int = 1) -> None:
+    def note(self, reason: str, detail: str) -> None:
         """Something dropped from a row that is still written (a box, a density value)."""
-        self.notes[reason] += n
-        self._example(reason, detail)
+        self.notes[reason] += 1
+        self.details.append(("dropped", reason, detail))
 
     def add(self, row: dict) -> None:
         self.images += 1
@@ -67,14 +67,23 @@ class Summary:
         for les in parse_boxes(row.get("boxes", "")):
             self.boxes[les.lesion_class] += 1
 
+    def write_details(self, path: Path) -> None:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["what", "reason", "detail"])
+            w.writerows(self.details)
+        self.details_path = path
+
     def format(self) -> str:
         lines = [f"{self.dataset}: read {', '.join(self.files_read) or 'nothing'}",
                  f"  images {self.images}   patients {len(self.patients)}   "
                  f"label 0: {self.labels.get('0', 0)}   label 1: {self.labels.get('1', 0)}",
                  f"  boxes {sum(self.boxes.values())}" + "".join(f"   {k}: {v}" for k, v in sorted(self.boxes.items()))]
-        for title, counter in (("skipped", self.skipped), ("dropped or left empty", self.notes)):
+        for title, counter in (("rows skipped", self.skipped), ("kept, but dropped or left empty", self.notes)):
             for reason, n in sorted(counter.items()):
-                lines.append(f"  {title}: {reason}: {n}  (e.g. {' | '.join(self.examples.get(reason, []))})")
+                lines.append(f"  {title}: {reason}: {n}")
+        if self.details and self.details_path:
+            lines.append(f"  details (file, row, what): {self.details_path}")
         return "\n".join(lines)
 
 
