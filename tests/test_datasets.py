@@ -171,6 +171,27 @@ def test_cbis_ddsm(cbis, tmp_path, capsys):
     assert details["roi_mask_not_found"].startswith("calc_case_description_test_set.csv row 3:")
 
 
+def test_cbis_ddsm_real_full_image(real_cases, tmp_path):
+    """A real CBIS-DDSM full image (RLE, Secondary Capture, 4736x2624) in the NBIA layout, with a mask of its size."""
+    real = next(p for case, _, p in real_cases if pydicom.dcmread(p, stop_before_pixels=True).PatientID == "Mass-Test_P_00820_LEFT_CC")
+    case = "Mass-Test_P_00820_LEFT_CC"
+    full = tmp_path / "CBIS-DDSM" / case / "01-04-2017-DDSM-NA-12345" / "1.000000-full mammogram images-67890" / "1-1.dcm"
+    full.parent.mkdir(parents=True)
+    full.symlink_to(real)
+    mask = np.zeros((4736, 2624), np.uint16)
+    mask[2000:2301, 700:951] = 255
+    series = tmp_path / "CBIS-DDSM" / f"{case}_1" / "01-04-2017-DDSM-NA-23456" / "1.000000-ROI mask images-34567"
+    dicom(series / "1-1.dcm", mask, SeriesDescription="ROI mask images")
+    dicom(series / "1-2.dcm", _crop(), SeriesDescription="ROI mask images")
+    write_csv(tmp_path / "mass_case_description_test_set.csv", MASS_HEADER, [
+        ["P_00820", 2, "LEFT", "CC", 1, "mass", "IRREGULAR", "ILL_DEFINED", 5, "MALIGNANT", 5,
+         f"{case}/{U}1/{U}2/000000.dcm", f"{case}_1/{U}3/{U}4/000000.dcm", f"{case}_1/{U}3/{U}4/000001.dcm"]])
+    _, rows = run_manifest("cbis-ddsm", tmp_path, tmp_path / "m.csv", key=lambda r: r["patient_id"])
+    r = rows["P_00820"]
+    assert (r["boxes"], r["label"], r["split"], r["view"], r["laterality"], r["density"]) == ("700 2000 951 2301 malignant_mass 5", "1", "test", "CC", "L", "B")
+    assert r["image_path"] == str(full.relative_to(tmp_path))  # the dataset's own path, the link kept
+
+
 # ---------------------------------------------------------------------------------------------- VinDr-Mammo
 BREAST_HEADER = ["study_id", "series_id", "image_id", "laterality", "view_position", "height", "width",
                  "breast_birads", "breast_density", "split"]

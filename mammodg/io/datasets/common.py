@@ -244,14 +244,14 @@ def new_row(**values) -> dict:
 
 
 def write_manifest(rows: list[dict], out: Path, extra_columns: tuple[str, ...] = ()) -> None:
-    """Write the manifest; image paths relative to its folder, so the two can move together."""
+    """Write the manifest; image paths relative to its folder (links not resolved), so the two can move together."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = out.parent.resolve()
+    base = os.path.abspath(out.parent)
     columns = list(REQUIRED + OPTIONAL) + list(extra_columns)
     tmp = out.parent / f".{out.name}.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "image_path": os.path.relpath(Path(r["image_path"]).resolve(), base)})
+            w.writerow({**r, "image_path": os.path.relpath(os.path.abspath(r["image_path"]), base)})
     os.replace(tmp, out)
