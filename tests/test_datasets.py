@@ -192,6 +192,26 @@ def test_cbis_ddsm_real_full_image(real_cases, tmp_path):
     assert r["image_path"] == str(full.relative_to(tmp_path))  # the dataset's own path, the link kept
 
 
+def test_cbis_ddsm_broken_files_reported(tmp_path, capsys):
+    """A non-DICOM full image skips its rows; an unreadable mask drops its box; the rest is written."""
+    a, b = "Mass-Training_P_00003_LEFT_CC", "Mass-Training_P_00004_RIGHT_CC"
+    (tmp_path / a / "s" / "s").mkdir(parents=True)
+    (tmp_path / a / "s" / "s" / "000000.dcm").write_bytes(b"not a dicom file")
+    dicom(tmp_path / b / "s" / "s" / "000000.dcm", mammo("R", [(30, 44, 40, 54)]), "R")
+    (tmp_path / f"{b}_1" / "s" / "s").mkdir(parents=True)
+    (tmp_path / f"{b}_1" / "s" / "s" / "000000.dcm").write_bytes(b"\0" * 200)
+    write_csv(tmp_path / "mass_case_description_train_set.csv", MASS_HEADER, [
+        ["P_00003", 1, "LEFT", "CC", 1, "mass", "OVAL", "CIRCUMSCRIBED", 4, "MALIGNANT", 3,
+         f"{a}/s/s/000000.dcm", f"{a}_1/s/s/000000.dcm", f"{a}_1/s/s/000001.dcm"],
+        ["P_00004", 1, "RIGHT", "CC", 1, "mass", "OVAL", "CIRCUMSCRIBED", 4, "MALIGNANT", 3,
+         f"{b}/s/s/000000.dcm", f"{b}_1/s/s/000001.dcm", f"{b}_1/s/s/000000.dcm"],
+    ])
+    rc, rows = run_manifest("cbis-ddsm", tmp_path, tmp_path / "m.csv", key=lambda r: r["patient_id"])
+    out = capsys.readouterr().out
+    assert rc == 1 and set(rows) == {"P_00004"} and rows["P_00004"]["boxes"] == "" and rows["P_00004"]["label"] == "1"
+    assert "unreadable_image: 1" in out and "roi_mask_not_found: 1" in out
+
+
 # ---------------------------------------------------------------------------------------------- VinDr-Mammo
 BREAST_HEADER = ["study_id", "series_id", "image_id", "laterality", "view_position", "height", "width",
                  "breast_birads", "breast_density", "split"]

@@ -48,9 +48,13 @@ def _case_of(path_text: str) -> str:
 
 
 def _header(path: Path):
+    """The DICOM header, or None when the file cannot be read (reported by the caller)."""
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # pydicom raises several types for broken or non-DICOM files
+        return None
 
 
 def _pick_mask(files: list[Path], shape: tuple[int, int]) -> Path | None:
@@ -59,7 +63,7 @@ def _pick_mask(files: list[Path], shape: tuple[int, int]) -> Path | None:
     In order: described as a mask and of full-image size; of full-image size and not described as a
     crop; described as a mask (its size is then checked against the image by the caller).
     """
-    heads = [(p, _header(p)) for p in files]
+    heads = [(p, ds) for p in files for ds in [_header(p)] if ds is not None]
     size = lambda ds: (int(ds.get("Rows", 0)), int(ds.get("Columns", 0)))  # noqa: E731
     says = lambda ds, word: word in str(ds.get("SeriesDescription", "")).lower()  # noqa: E731
     for test in (lambda ds: says(ds, "mask") and size(ds) == shape,
@@ -107,6 +111,9 @@ def read(root: Path, cfg: DatasetConfig, summary: Summary) -> list[dict]:
                 continue
             if case not in images:
                 ds = _header(full[0])
+                if ds is None or "Rows" not in ds:
+                    summary.skip("unreadable_image", f"{where}: {full[0].relative_to(root)} is not a readable DICOM image")
+                    continue
                 raw = next((rec[c] for c in DENSITY_COLUMNS if c in rec), "")
                 density = density_of(raw)
                 if not density:
@@ -126,7 +133,11 @@ def read(root: Path, cfg: DatasetConfig, summary: Summary) -> list[dict]:
             if mask is None:
                 summary.note("roi_mask_not_found", f"{where}: no ROI mask in folder {roi!r}; image kept without this box")
                 continue
-            pixels = pydicom.dcmread(mask).pixel_array
+            try:
+                pixels = pydicom.dcmread(mask).pixel_array
+            except Exception as e:  # a broken file or a missing decoder
+                summary.note("unreadable_roi_mask", f"{where}: {mask.relative_to(root)}: {type(e).__name__}: {e}")
+                continue
             if pixels.shape != img["shape"]:
                 summary.note("roi_mask_size_differs", f"{where}: mask {pixels.shape} vs image {img['shape']}; box dropped")
                 continue
