@@ -36,6 +36,17 @@ def cmd_build(args) -> int:
     return EXIT_OK
 
 
+def cmd_manifest(args) -> int:
+    """A public dataset's official metadata -> manifest CSV; exit 1 when some rows were skipped."""
+    from mammodg.config import load
+    from mammodg.io.datasets import DatasetConfig, convert
+
+    summary = convert(args.dataset, args.root, args.out, load(DatasetConfig, args.config, args.set))
+    print(summary.format())
+    print(f"manifest written: {args.out}")
+    return 1 if summary.skipped else 0
+
+
 def cmd_phantoms(args) -> int:
     from mammodg.phantom import make_phantoms
 
@@ -136,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_args(p)
     p.set_defaults(func=cmd_build)
+
+    from mammodg.io.datasets import DATASETS
+
+    p = sub.add_parser("manifest", help="public dataset (official metadata as distributed) -> manifest CSV")
+    p.add_argument("--from", dest="dataset", required=True, choices=list(DATASETS), help="dataset name")
+    p.add_argument("--root", required=True, help="the dataset's folder as downloaded")
+    p.add_argument("--out", required=True, help="manifest CSV to write (image paths relative to its folder)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("make-phantoms", help="write synthetic mammograms (DICOM) in several vendor styles + manifest")
     p.add_argument("--out", required=True)
