@@ -14,7 +14,7 @@ import pytest
 
 from mammodg.cli import main
 from mammodg.io.manifest import read_manifest
-from mammodg.io.phantom import Breast, default_styles, write_dicom
+from mammodg.phantom import Breast, default_styles, write_dicom
 
 STYLE = default_styles(1)[0]  # Explicit VR Little Endian, MONOCHROME2, 12 bits
 ROWS, COLS = 96, 64
