@@ -97,3 +97,15 @@ def test_bad_files_and_set_values(tmp_path):
         load(BuildConfig, latin)
     with pytest.raises(ConfigError, match="--set 'segment_keys=\\[source': not a valid YAML value"):
         load(BuildConfig, None, ["segment_keys=[source"])
+
+
+def test_tensorflow_install_check():
+    """No TensorFlow: a clear error naming both extras (unless Keras runs on JAX); both distributions: refused."""
+    from mammodg import check_tensorflow
+
+    check_tensorflow(installed=lambda d: d == "tensorflow-cpu", importable=lambda: True, backend="tensorflow")
+    with pytest.raises(ImportError, match=r"mammodg\[cpu\].*mammodg\[gpu\]"):
+        check_tensorflow(installed=lambda d: False, importable=lambda: False, backend="tensorflow")
+    check_tensorflow(installed=lambda d: False, importable=lambda: False, backend="jax")
+    with pytest.raises(ImportError, match="both tensorflow and tensorflow-cpu"):
+        check_tensorflow(installed=lambda d: True, importable=lambda: True, backend="tensorflow")
