@@ -397,6 +397,8 @@ def test_clear_errors_exit_2(tmp_path, capsys):
     huge.write_text("image_path,patient_id,source,label\n" + '"' + "x" * (csv.field_size_limit() + 10) + '",P,S,0\n')
     fails(huge, expect=[str(huge), "line 2", "field larger"])
     fails(good, "--set", "shard_size=0", expect=["shard_size"])
+    code, err = _cli(capsys, *base[:2], tmp_path / ("o" * 300), *base[3:], good)  # --out too long for a path
+    assert code == 2 and "File name too long" in err and len(err.strip().splitlines()) == 1, err
     fails(good, "--set", "workers=-1", expect=["workers"])
     fails(good, "--set", "segment_keys=[source, scanner]", expect=["scanner", "segment_keys"])
     (tmp_path / "folder.dcm").mkdir()
