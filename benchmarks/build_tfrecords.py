@@ -55,7 +55,7 @@ def main():
         w.writerow(["image_path", "patient_id", "source", "label"])
         for i, p in enumerate(paths):
             w.writerow([p, f"P{i // 4}", "CBIS-DDSM", 0])
-    cfg = BuildConfig(pseudonym_salt="bench")
+    cfg = BuildConfig(pseudonym_salt="benchmark-salt-16ch")
     n_cpu = os.cpu_count() or 1
     results = {"images": len(paths), "cpu_count": n_cpu, "machine": platform.processor() or platform.machine(),
                "python": platform.python_version(), "png_compress_level": cfg.png_compress_level}

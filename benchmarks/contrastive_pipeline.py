@@ -70,7 +70,7 @@ def main():
     pair_size = tuple(c.pair_size) or (512, 384)
     manifest = make_phantoms(tmp / "ph", patients=24, styles=3, seed=0, scale=0.7, progress=False)
     build(manifest, tmp / "rec", BuildConfig(preprocess=PreprocessConfig(height=2 * pair_size[0], width=2 * pair_size[1]),
-                                             pseudonym_salt="b"), progress=False)
+                                             pseudonym_salt="benchmark-salt-16ch"), progress=False)
     styles = sorted(load_index(tmp / "rec")["segments"])
     build_pairs(tmp / "rec", tmp / "pairs", transfer=_Styles(styles), size=pair_size, progress=False)
 

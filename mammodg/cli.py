@@ -1,7 +1,8 @@
 """The ``mammodg`` command.
 
 Exit status of ``build-tfrecords``: 0 every row was built; 1 shards were built but some rows were
-rejected (listed in ``<out>/rejects.csv``); 2 nothing was built (bad manifest, config or arguments).
+rejected (listed in ``<out>/rejects.csv``); 2 nothing was built (bad manifest, config or arguments, a
+second build into the same folder, or every row rejected). ``verify``: 0 all shards match, 2 otherwise.
 """
 from __future__ import annotations
 
@@ -23,13 +24,20 @@ def _add_config_args(p):
 
 def cmd_build(args) -> int:
     from mammodg.config import BuildConfig, load
-    from mammodg.records.writer import EXIT_OK, EXIT_REJECTED, REJECTS_NAME, build, format_summary
+    from mammodg.records.writer import EXIT_ERROR, EXIT_OK, EXIT_REJECTED, REJECTS_NAME, BuildError, build, format_summary
 
     cfg = load(BuildConfig, args.config, args.set)
     if args.workers is not None:
         cfg.workers = args.workers
-    index = build(args.manifest, args.out, cfg, progress=not args.quiet)
+    try:
+        index = build(args.manifest, args.out, cfg, progress=not args.quiet, root=args.root)
+    except OSError as e:  # e.g. --out on a read-only disk or a name too long for a path
+        raise BuildError(f"{e.filename or args.out}: {e.strerror or e}") from None
     print(format_summary(index))
+    if not index["records"]:
+        print(f"mammodg build-tfrecords: error: nothing was built: all {index['rejected']} row(s) rejected, "
+              f"reasons in {Path(args.out) / REJECTS_NAME}", file=sys.stderr)
+        return EXIT_ERROR
     if index["rejected"]:
         print(f"{index['rejected']} row(s) rejected, reasons in {Path(args.out) / REJECTS_NAME}", file=sys.stderr)
         return EXIT_REJECTED
@@ -45,6 +53,15 @@ def cmd_manifest(args) -> int:
     print(summary.format())
     print(f"manifest written: {args.out}")
     return 1 if summary.skipped else 0
+
+
+def cmd_verify(args) -> int:
+    from mammodg.records.verify import verify
+
+    res = verify(args.data, quick=args.quick)
+    print(f"{args.data}: {res['shards']} shard(s), {res['records']} record(s) match dataset.json"
+          + (" (sizes and counts)" if args.quick else " (sizes, counts and SHA-256)"))
+    return 0
 
 
 def cmd_phantoms(args) -> int:
@@ -145,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--workers", type=int, help="processes (default: config 'workers', 0 = all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--root", help="confine image paths to this folder ('..', absolute paths and links leaving it are rejected)")
     _add_config_args(p)
     p.set_defaults(func=cmd_build)
 
@@ -156,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="manifest CSV to write (image paths relative to its folder)")
     _add_config_args(p)
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("verify", help="check shards against dataset.json (size, record count, SHA-256); exit 2 names a bad shard")
+    p.add_argument("data", help="records folder (mammodg build-tfrecords --out)")
+    p.add_argument("--quick", action="store_true", help="sizes and record counts only (no SHA-256)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("make-phantoms", help="write synthetic mammograms (DICOM) in several vendor styles + manifest")
     p.add_argument("--out", required=True)

@@ -60,6 +60,7 @@ class BuildConfig:
     allow_non_mg: bool = False  # accept modalities other than MG
     png_compress_level: int = 1  # zlib level of the 16-bit PNGs (0-9): speed vs size
     keep_cache: bool = False  # keep the per-image cache used for resuming after success
+    reject_burned_in: bool = False  # reject images whose BurnedInAnnotation is YES (else: kept and reported)
 
 
 def _field_type(cls, name):

@@ -58,6 +58,6 @@ def build_demo_dataset(out: Path, *, patients: int = 48, styles: int = 3, scale:
     from mammodg.config import load
 
     path = Path(__file__).resolve().parent.parent / "configs" / "demo" / "build.yaml"
-    cfg = load(BuildConfig, path) if path.is_file() else BuildConfig(pseudonym_salt="mammodg-demo")
+    cfg = load(BuildConfig, path) if path.is_file() else BuildConfig(pseudonym_salt="mammodg-demo-salt")
     index = build(manifest, out / "tfrecords", cfg, progress=progress)
     return index, out / "tfrecords"

@@ -28,7 +28,7 @@ def tiny_records(tmp_path_factory, phantoms):
     from mammodg.records.writer import build
 
     out = tmp_path_factory.mktemp("tiny_records")
-    build(phantoms, out, BuildConfig(preprocess=PreprocessConfig(height=64, width=48), pseudonym_salt="t", workers=2, shard_size=8), progress=False)
+    build(phantoms, out, BuildConfig(preprocess=PreprocessConfig(height=64, width=48), pseudonym_salt="test-salt-16chars", workers=2, shard_size=8), progress=False)
     return out
 
 
@@ -39,5 +39,5 @@ def vgg_records(tmp_path_factory, phantoms):
     from mammodg.records.writer import build
 
     out = tmp_path_factory.mktemp("vgg_records")
-    build(phantoms, out, BuildConfig(preprocess=PreprocessConfig(height=256, width=192), pseudonym_salt="t", workers=2), progress=False)
+    build(phantoms, out, BuildConfig(preprocess=PreprocessConfig(height=256, width=192), pseudonym_salt="test-salt-16chars", workers=2), progress=False)
     return out

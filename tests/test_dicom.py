@@ -72,16 +72,19 @@ def _save(tmp_path, ds, name="x.dcm"):
     return p
 
 
-def test_bits_stored_masks_high_bits(tmp_path):
+def test_values_beyond_bits_stored_rejected(tmp_path):
     rng = np.random.default_rng(0)
-    low = rng.integers(0, 4096, (32, 24), dtype=np.uint16)
-    garbage = low | (rng.integers(0, 16, low.shape, dtype=np.uint16) << 12)  # overlay bits above bit 11
-    img = read_dicom(_save(tmp_path, _mg(garbage)))
-    np.testing.assert_array_equal(img.pixels, low.astype(np.float32))
+    low = rng.integers(0, 4096, (40, 32), dtype=np.uint16)
+    np.testing.assert_array_equal(read_dicom(_save(tmp_path, _mg(low), "ok.dcm")).pixels, low.astype(np.float32))
+    garbage = low.copy()
+    garbage[5, 7] |= 1 << 12  # one value over the 12 bits of BitsStored
+    with pytest.raises(DicomRejected) as e:
+        read_dicom(_save(tmp_path, _mg(garbage)))
+    assert e.value.reason == "bits_stored_exceeded"
 
 
 def test_voi_policy(tmp_path):
-    arr = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (8, 1))
+    arr = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (64, 1))
     linear = _save(tmp_path, _mg(arr, WindowCenter=2048, WindowWidth=1024), "lin.dcm")
     assert read_dicom(linear).voi.startswith("none")  # auto skips a linear window
     np.testing.assert_array_equal(read_dicom(linear).pixels, arr.astype(np.float32))
@@ -147,7 +150,7 @@ def test_rejections_files(tmp_path):
     with pytest.raises(DicomRejected) as e:
         read_dicom(get_testdata_file("MR_small.dcm"))
     assert e.value.reason == "not_mammography"
-    const = _save(tmp_path, _mg(np.zeros((8, 8), np.uint16)), "c.dcm")
+    const = _save(tmp_path, _mg(np.zeros((40, 40), np.uint16)), "c.dcm")
     with pytest.raises(DicomRejected) as e:
         read_dicom(const)
     assert e.value.reason == "constant_image"

@@ -2,7 +2,8 @@
 
 Photometry, in this order (DICOM PS3.3 C.11 and C.8.11.3):
 
-1. decode (pydicom + pylibjpeg / pyjpegls / pillow plugins) and keep only ``BitsStored`` bits;
+1. check the header (size bounds, native buffer length, rescale), decode (pydicom + pylibjpeg /
+   pyjpegls / pillow plugins) and reject values outside ``BitsStored``;
 2. Modality LUT (Rescale Slope / Intercept or Modality LUT Sequence);
 3. VOI, by policy (``PreprocessConfig.voi``):
 
@@ -18,16 +19,28 @@ Photometry, in this order (DICOM PS3.3 C.11 and C.8.11.3):
 from __future__ import annotations
 
 import dataclasses
+import errno
+import math
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
 
 VOI_POLICIES = ("auto", "none", "always")
+# Bounds on what a header may make us allocate (checked before decoding): a real mammogram is a few
+# thousand pixels a side with an aspect ratio near 4:3; a 1 x 20000 image is an attack or a mistake.
+MIN_SIDE = 32
+MAX_ASPECT = 4.0
+MAX_PIXELS = 50_000_000
 
 
-class DicomRejected(Exception):
-    """The file cannot be used; ``reason`` is a short machine-readable code, ``str()`` the detail."""
+class DicomRejected(ValueError):
+    """The file cannot be used; ``reason`` is a short machine-readable code, ``str()`` the detail.
+
+    Details never name the file (paths may hold PHI): the caller knows which row it was.
+    """
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
@@ -48,6 +61,7 @@ class DicomImage:
     decoder: str
     voi: str
     bits_stored: int
+    burned_in: bool  # BurnedInAnnotation is YES: text (possibly names) drawn into the pixels
 
 
 def _text(ds, *keywords) -> str:
@@ -142,14 +156,74 @@ def _decoder_name(ds) -> str:
     return plugins[0] if plugins else "none"
 
 
-def _mask_bits_stored(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
-    """Keep the ``BitsStored`` low bits: high bits may hold overlays or garbage (pydicom #2010)."""
-    if bits_stored >= arr.dtype.itemsize * 8:
-        return arr
-    raw = arr.astype(np.int64) & ((1 << bits_stored) - 1)
-    if signed:
-        raw = np.where(raw >= (1 << (bits_stored - 1)), raw - (1 << bits_stored), raw)
-    return raw
+def check_bits_stored(ds, arr: np.ndarray, bits_stored: int, signed: bool) -> None:
+    """Reject values outside the ``BitsStored`` range: high bits holding overlays or garbage (pydicom #2010)
+    mean the decoder and the header disagree, and masking them would train on a guess.
+
+    Native data is checked on the raw buffer (pydicom masks it when decoding); compressed data on the
+    decoded array.
+    """
+    alloc = int(ds.get("BitsAllocated", 16) or 16)
+    tsyntax = ds.file_meta.get("TransferSyntaxUID", None)
+    if tsyntax is not None and not tsyntax.is_compressed and alloc in (8, 16, 32) and bits_stored < alloc:
+        n = arr.size
+        raw = np.frombuffer(ds.PixelData, dtype=f"{'<' if tsyntax.is_little_endian else '>'}u{alloc // 8}", count=n)
+        high = raw >> np.array(bits_stored, raw.dtype)
+        ones = (1 << (alloc - bits_stored)) - 1
+        bad = (high != 0) & ((high != ones) if signed else True)
+        if bad.any():
+            raise DicomRejected("bits_stored_exceeded", f"{int(bad.sum())} pixel(s) use bits above the {bits_stored} of BitsStored: "
+                                f"overlay bits, a broken header or a writer fault")
+        return
+    lo, hi = _stored_range(bits_stored, signed)
+    if arr.size and (float(arr.min()) < lo or float(arr.max()) > hi):
+        raise DicomRejected("bits_stored_exceeded", f"pixel values {arr.min()}..{arr.max()} lie outside the {bits_stored}-bit "
+                            f"range of BitsStored: broken header, overlay bits or a decoder fault")
+
+
+def check_file(path: Path) -> None:
+    """Reject what is not a regular file, with a reason of its own (a folder, a link loop, a long name)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        reasons = {errno.ELOOP: ("symlink_loop", "symbolic link loop"), errno.ENAMETOOLONG: ("path_too_long", "path too long for the file system")}
+        reason, detail = reasons.get(e.errno, ("missing_file", f"file not found ({errno.errorcode.get(e.errno, e.errno)})"))
+        raise DicomRejected(reason, detail) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DicomRejected("is_directory", "image_path is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DicomRejected("not_a_file", "image_path is not a regular file (a device, pipe or socket)")
+
+
+def check_header(ds) -> None:
+    """Bound what the header makes us allocate, and check the native pixel buffer size, before decoding."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if min(rows, cols) < MIN_SIDE:
+        raise DicomRejected("too_small", f"{cols}x{rows} pixels; at least {MIN_SIDE} a side")
+    if max(rows, cols) / min(rows, cols) > MAX_ASPECT:
+        raise DicomRejected("bad_aspect_ratio", f"{cols}x{rows} pixels; aspect ratio over {MAX_ASPECT:g}")
+    if rows * cols > MAX_PIXELS:
+        raise DicomRejected("too_large", f"{cols}x{rows} pixels; at most {MAX_PIXELS} pixels")
+    tsyntax = ds.file_meta.get("TransferSyntaxUID", None)
+    if "PixelData" in ds and tsyntax is not None and not tsyntax.is_compressed:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        expected = math.ceil(rows * cols * frames * samples * int(ds.get("BitsAllocated", 16) or 16) / 8)
+        actual = len(ds.PixelData)
+        if actual not in (expected, expected + 1):  # one byte of padding to an even length is allowed
+            raise DicomRejected("pixel_size_mismatch", f"pixel data has {actual} bytes; Rows x Columns x BitsAllocated needs {expected}")
+
+
+def _rescale(ds) -> tuple[float, float]:
+    """Rescale slope and intercept; a slope <= 0 or any non-finite value is a broken header."""
+    try:
+        slope = float(ds.get("RescaleSlope", 1) if ds.get("RescaleSlope", None) not in (None, "") else 1)
+        intercept = float(ds.get("RescaleIntercept", 0) if ds.get("RescaleIntercept", None) not in (None, "") else 0)
+    except (TypeError, ValueError):
+        raise DicomRejected("bad_rescale", "RescaleSlope / RescaleIntercept are not numbers") from None
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope <= 0:
+        raise DicomRejected("bad_rescale", f"RescaleSlope {slope} / RescaleIntercept {intercept}: slope must be finite and > 0")
+    return slope, intercept
 
 
 def _stored_range(bits_stored: int, signed: bool) -> tuple[float, float]:
@@ -189,8 +263,7 @@ def read_dicom(path: str | Path, *, voi: str = "auto", allow_non_mg: bool = Fals
     if voi not in VOI_POLICIES:
         raise ValueError(f"preprocess.voi must be one of {VOI_POLICIES}, got {voi!r}")
     path = Path(path)
-    if not path.is_file():
-        raise DicomRejected("missing_file", f"file not found: {path}")
+    check_file(path)
     import warnings
 
     try:
@@ -215,6 +288,7 @@ def read_dicom(path: str | Path, *, voi: str = "auto", allow_non_mg: bool = Fals
     modality = str(ds.get("Modality", "") or "")
     if modality != "MG" and not allow_non_mg:
         raise DicomRejected("not_mammography", f"Modality is {modality or 'empty'!r}, not 'MG' (use allow_non_mg to accept)")
+    check_header(ds)
     tsyntax = ds.file_meta.get("TransferSyntaxUID", None)
     ts_name = tsyntax.name if tsyntax is not None else "unknown"
     decoder = _decoder_name(ds)
@@ -228,14 +302,13 @@ def read_dicom(path: str | Path, *, voi: str = "auto", allow_non_mg: bool = Fals
         raise DicomRejected("colour", f"decoded pixel array has shape {arr.shape}, expected 2-D greyscale")
     bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
-    arr = _mask_bits_stored(arr, bits, signed)
+    check_bits_stored(ds, arr, bits, signed)
     if arr.size == 0 or arr.min() == arr.max():
         raise DicomRejected("constant_image", f"decoded image is constant ({ts_name}, decoder {decoder}): broken data or decoder")
     from pydicom.pixels import apply_modality_lut
 
     lo, hi = _stored_range(bits, signed)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = _rescale(ds)
     if "ModalityLUTSequence" in ds:
         arr = apply_modality_lut(arr, ds).astype(np.float32)
         lo, hi = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
@@ -258,4 +331,5 @@ def read_dicom(path: str | Path, *, voi: str = "auto", allow_non_mg: bool = Fals
         decoder=decoder,
         voi=voi_applied,
         bits_stored=bits,
+        burned_in=str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES",
     )

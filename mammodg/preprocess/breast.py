@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from mammodg.io.dicom import DicomRejected
+
 STORED_MAX = 65535  # value of v = 1 inside the mask; 0 means "outside the mask"
 
 
@@ -73,14 +75,17 @@ def otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
 
 
 MASK_ROWS = 384  # the mask is computed at this height (morphology is costly) and upsampled
+MAX_RESIZE_FACTOR = 16  # the resized image may hold at most this many times the output's pixels
+MAX_MASK_FRACTION = 0.98  # a thresholded "breast" over more of the image than this is noise
 
 
-def breast_mask(image: np.ndarray) -> tuple[np.ndarray, bool]:
+def breast_mask(image: np.ndarray, *, reject_whole: bool = False) -> tuple[np.ndarray, bool]:
     """Mask of the breast: threshold + morphology + largest component + holes filled.
 
     Computed on a copy of at most ``MASK_ROWS`` rows and upsampled smoothly. Returns
     ``(mask, fallback)``; ``fallback`` is True when the result was implausible (under 3% or over 98% of
-    the image) and the mask is instead every pixel above the darkest 5%.
+    the image) and the mask is instead every pixel above the darkest 5%; with ``reject_whole`` a mask
+    over 98% raises DicomRejected instead.
     """
     rows, cols = image.shape
     f = min(1.0, MASK_ROWS / rows)
@@ -103,7 +108,9 @@ def breast_mask(image: np.ndarray) -> tuple[np.ndarray, bool]:
     if f < 1:
         mask = resize(mask.astype(np.float32), rows, cols) > 0.5
     frac = mask.mean()
-    if 0.03 <= frac <= 0.98:
+    if reject_whole and frac > MAX_MASK_FRACTION:
+        raise DicomRejected("mask_whole_image", f"the breast mask covers {frac:.1%} of the image: noise or a uniform field, not a mammogram")
+    if 0.03 <= frac <= MAX_MASK_FRACTION:
         return mask, False
     fallback = image > np.quantile(image, 0.05)
     if fallback.mean() < 0.03:
@@ -142,7 +149,7 @@ def preprocess(
     rows0, cols0 = pixels.shape
     if target_spacing_mm:
         if not pixel_spacing_mm:
-            raise ValueError("preprocess.target_spacing_mm is set but the image has no PixelSpacing / ImagerPixelSpacing")
+            raise DicomRejected("no_pixel_spacing", "preprocess.target_spacing_mm is set but the image has no PixelSpacing / ImagerPixelSpacing")
         scale = pixel_spacing_mm / target_spacing_mm
         rows = max(1, round(rows0 * scale))
         spacing_out = target_spacing_mm
@@ -151,11 +158,14 @@ def preprocess(
         rows = height
         spacing_out = pixel_spacing_mm / scale if pixel_spacing_mm else None
     cols = max(1, round(cols0 * scale))
+    if rows * cols > MAX_RESIZE_FACTOR * height * width:  # bound the allocation before making it
+        raise DicomRejected("resize_too_large", f"resizing to {cols}x{rows} exceeds {MAX_RESIZE_FACTOR}x the {width}x{height} output "
+                            f"(target_spacing_mm too small for this image's pixel spacing?)")
     img = resize(pixels, rows, cols)
     sx, sy = cols / cols0, rows / rows0
     b = boxes * np.array([sx, sy, sx, sy], np.float32)
 
-    mask, fallback = breast_mask(img)
+    mask, fallback = breast_mask(img, reject_whole=True)
     flipped = chest_wall_on_right(mask)
     if flipped:
         img, mask = img[:, ::-1], mask[:, ::-1]
