@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="sizes and record counts only (no SHA-256)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("make-phantoms", help="write synthetic mammograms (DICOM) in several vendor styles + manifest")
+    p = sub.add_parser("make-phantoms", help="write synthetic mammograms (DICOM) in several vendor styles, manifest.csv and landmarks.json")
     p.add_argument("--out", required=True)
     p.add_argument("--patients", type=int, default=20)
     p.add_argument("--styles", type=int, default=3)
