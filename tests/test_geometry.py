@@ -128,12 +128,17 @@ def test_fill_value_is_used_outside_the_input():
     assert out[0, 0] == -3.0 and out[H // 2, W // 2] == 7.0
     with pytest.raises(ValueError, match="interpolation"):
         g.apply_affine(img, np.zeros((0, 4)), tf.zeros([0]), m, interpolation="cubic")
+    with pytest.raises(ValueError, match=r"image must be \(height, width, channels\)"):
+        g.apply_affine(img[..., 0], np.zeros((0, 4)), tf.zeros([0]), m)
 
 
 def test_output_size_warps_a_larger_crop_onto_a_smaller_canvas():
     img, boxes = _square_image(np.float32, box=(23, 15, 33, 25), value=1.0)  # centred on (28, 20)
     out, b, _ = g.random_affine(img, boxes, tf.constant([0]), [1, 1], output_size=(20, 24), **RANGES)
     assert out.shape == (20, 24, 1)
+    spec = tf.data.Dataset.from_tensors(img).map(
+        lambda im: g.random_affine(im, boxes, tf.constant([0]), [1, 1], output_size=(20, 24))[0]).element_spec
+    assert spec.shape == (20, 24, 1)
     cx, cy = (b.numpy()[0, 0] + b.numpy()[0, 2]) / 2, (b.numpy()[0, 1] + b.numpy()[0, 3]) / 2
     np.testing.assert_allclose([cx, cy], [12, 10], atol=1e-4)  # centre to centre
 
@@ -147,8 +152,9 @@ def test_eager_and_dataset_map_give_identical_outputs():
     kwargs = dict(fill_value=0.0, **RANGES)
     eager = [g.random_affine(imgs[i], boxes, classes, seeds[i], **kwargs) for i in range(3)]
 
-    ds = tf.data.Dataset.from_tensor_slices((imgs, seeds)).map(
+    ds = tf.data.Dataset.from_tensor_slices((imgs, seeds.astype(np.int32))).map(
         lambda im, s: g.random_affine(im, boxes, classes, s, **kwargs))
+    assert ds.element_spec[0].shape == (H, W, 1)  # static shape kept, so the stream can be batched
     mapped = list(ds)
     assert len(mapped) == 3
     for (ei, eb, ec), (mi, mb, mc) in zip(eager, mapped):

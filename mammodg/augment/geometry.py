@@ -87,7 +87,7 @@ def random_affine_params(seed, *, flip_h=0.0, flip_v=0.0, rotation=0.0, zoom=(1.
     in [-max, max]); ``zoom``: (low, high), uniform. Returns keyword arguments of :func:`affine_matrix`.
     A zero range gives exactly the identity value.
     """
-    s = tf.random.experimental.stateless_split(tf.convert_to_tensor(seed, tf.int64), num=5)
+    s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
     u = lambda i, lo=0.0, hi=1.0: tf.random.stateless_uniform([], s[i], minval=lo, maxval=hi)  # noqa: E731
     rad = math.pi / 180.0
     return {
@@ -129,6 +129,8 @@ def apply_affine(image, boxes, classes, matrix, *, fill_value=0.0, interpolation
     if interpolation not in _INTERPOLATION:
         raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {interpolation!r}")
     image = tf.convert_to_tensor(image)
+    if image.shape.rank != 3:
+        raise ValueError(f"image must be (height, width, channels), got shape {image.shape}")
     shape = tf.shape(image)
     out_h, out_w = (shape[0], shape[1]) if output_size is None else output_size
     out_hw = tf.cast(tf.stack([out_h, out_w]), tf.int32)
@@ -141,7 +143,8 @@ def apply_affine(image, boxes, classes, matrix, *, fill_value=0.0, interpolation
         fill_value=_f32(fill_value), interpolation=_INTERPOLATION[interpolation], fill_mode="CONSTANT")[0]
     if image.dtype.is_integer:
         warped = tf.clip_by_value(tf.round(warped), image.dtype.min, image.dtype.max)
-    warped = tf.cast(warped, image.dtype)
+    static_hw = image.shape[:2] if output_size is None else [tf.get_static_value(v) for v in output_size]
+    warped = tf.ensure_shape(tf.cast(warped, image.dtype), [*static_hw, image.shape[-1]])
     new_boxes, keep = _transform_boxes(boxes, matrix, _f32(out_hw[0]), _f32(out_hw[1]), min_side, min_visible)
     classes = tf.nest.map_structure(lambda t: tf.boolean_mask(t, keep), classes)
     return warped, tf.boolean_mask(new_boxes, keep), classes
