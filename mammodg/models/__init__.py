@@ -56,7 +56,7 @@ def build(name: str, **kwargs):
 
 # Imported last: the model modules use ``register`` from this (by then initialised) package.
 from mammodg.models import vgg  # noqa: E402
-from mammodg.models import cyclegan, resnet  # noqa: E402
+from mammodg.models import cyclegan, fcos, resnet  # noqa: E402
 from mammodg.models.cyclegan import patchgan_discriminator, resnet_generator  # noqa: E402
 from mammodg.models.vgg import (  # noqa: E402
     VGGBackbone,
