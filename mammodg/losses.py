@@ -100,13 +100,17 @@ class NTXent(keras.losses.Loss):
 # exact on one device.
 
 
+def _bce_with_logits(y, x):
+    """Element-wise binary cross-entropy of targets ``y`` in [0, 1] and logits ``x``, stable for large |x|."""
+    return ops.maximum(x, 0.0) - x * y + ops.log1p(ops.exp(-ops.abs(x)))
+
+
 def sigmoid_focal_loss(labels, logits, alpha: float = 0.25, gamma: float = 2.0):
     """Element-wise sigmoid focal loss (RetinaNet) of 0/1 ``labels`` and ``logits``, in float32."""
     y, x = ops.cast(labels, "float32"), ops.cast(logits, "float32")
     p = ops.sigmoid(x)
-    ce = ops.maximum(x, 0.0) - x * y + ops.log1p(ops.exp(-ops.abs(x)))
     p_t = p * y + (1 - p) * (1 - y)
-    return (alpha * y + (1 - alpha) * (1 - y)) * ops.power(1 - p_t, gamma) * ce
+    return (alpha * y + (1 - alpha) * (1 - y)) * ops.power(1 - p_t, gamma) * _bce_with_logits(y, x)
 
 
 def giou(boxes1, boxes2, eps: float = 1e-7):
@@ -152,9 +156,7 @@ def fcos_loss_terms(targets, outputs, num_classes: int, alpha: float = 0.25, gam
     pred = _ltrb_boxes(ops.cast(outputs["regression"], "float32"))
     target = _ltrb_boxes(ops.cast(targets["ltrb"], "float32"))
     box = ops.sum((1.0 - giou(pred, target)) * weight) / ops.maximum(weight_sum, 1e-6)
-    ctr_logit = ops.cast(outputs["centerness"], "float32")
-    ctr_target = ops.cast(targets["centerness"], "float32")
-    ctr_bce = ops.maximum(ctr_logit, 0.0) - ctr_logit * ctr_target + ops.log1p(ops.exp(-ops.abs(ctr_logit)))
+    ctr_bce = _bce_with_logits(ops.cast(targets["centerness"], "float32"), ops.cast(outputs["centerness"], "float32"))
     ctr = ops.sum(ctr_bce * positive) / norm
     return {"classification": cls, "box": box, "centerness": ctr, "total": cls + box + ctr}
 

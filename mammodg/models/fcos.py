@@ -106,6 +106,14 @@ class FPN(keras.layers.Layer):
         self.extra = [keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"p{lv}", **conv)
                       for lv in self.levels if lv > 5]
 
+    def build(self, input_shape):
+        width = (None, None, None, self.width)
+        for lv, lateral, smooth in zip(self.c_levels, self.lateral, self.smooth):
+            lateral.build(input_shape[f"c{lv}"])
+            smooth.build(width)
+        for conv in self.extra:
+            conv.build(width)
+
     def call(self, features):
         top, maps = None, []
         for lv, lateral, smooth in reversed(list(zip(self.c_levels, self.lateral, self.smooth))):
@@ -157,6 +165,17 @@ class FCOSHead(keras.layers.Layer):
         self.bbox_pred = keras.layers.Conv2D(4, 3, padding="same", name="bbox_pred", **init)
         self.ctr_pred = keras.layers.Conv2D(1, 3, padding="same", name="centerness", **init)
         self.scales = [Scale(name=f"scale_p{lv}") for lv in self.levels]
+
+    def build(self, input_shape):
+        shape = (None, None, None, input_shape[0][-1])
+        width = (None, None, None, self.width)
+        for tower in (self.cls_tower, self.reg_tower):
+            for i, layer in enumerate(tower):
+                layer.build(shape if i == 0 else width)
+        for layer in (self.cls_logits, self.bbox_pred, self.ctr_pred):
+            layer.build(width if self.tower_convs else shape)
+        for scale in self.scales:
+            scale.build(())
 
     def call(self, maps):
         out = {k: [] for k in OUTPUTS}
