@@ -332,15 +332,19 @@ def test_layers_rebuild_from_config_with_identical_outputs():
     assert restored.ranges[0] == (0, 32) and restored.levels == P2_ON
 
 
-def test_model_rebuilds_from_config_and_matches_geometry():
+def test_model_rebuilds_from_config_and_file_with_identical_outputs(tmp_path):
     model = models.build("fcos", input_shape=(64, 48, 1), backbone="tiny", levels=P2_ON, width=8, tower_convs=1,
                          groups=2)
     clone = keras.Model.from_config(model.get_config())
     clone.set_weights(model.get_weights())
+    model.save(tmp_path / "fcos.keras")
+    loaded = keras.saving.load_model(tmp_path / "fcos.keras")
     x = np.random.default_rng(5).uniform(size=(1, 64, 48, 1)).astype(np.float32)
-    a, b = model(x), clone(x)
-    for k in a:
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(a[k]), keras.ops.convert_to_numpy(b[k]), atol=1e-6)
+    a = model(x)
+    for other in (clone, loaded):
+        b = other(x)
+        for k in a:
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(a[k]), keras.ops.convert_to_numpy(b[k]), atol=1e-6)
     assert a["regression"].shape[1] == len(locations(level_shapes((64, 48), P2_ON), strides_of(P2_ON)))
 
 
