@@ -91,3 +91,113 @@ class NTXent(keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), "temperature": self.temperature, "cross_replica": self.cross_replica,
                 "pairs": [list(p) for p in self.pairs]}
+
+
+# --- FCOS (Tian et al. 2019; MSVCL v2 section III-C) ---------------------------------------------------------------
+# All three terms are sums over this replica's locations divided by normalisers summed over replicas, so the
+# replicas' losses add up to the global-batch loss: what Keras expects, since it sums gradients over replicas.
+# The cross-replica sum is a function the stage passes in (tf.distribute's all_reduce); the default, identity, is
+# exact on one device.
+
+
+def _bce_with_logits(y, x):
+    """Element-wise binary cross-entropy of targets ``y`` in [0, 1] and logits ``x``, stable for large |x|."""
+    return ops.maximum(x, 0.0) - x * y + ops.log1p(ops.exp(-ops.abs(x)))
+
+
+def sigmoid_focal_loss(labels, logits, alpha: float = 0.25, gamma: float = 2.0):
+    """Element-wise sigmoid focal loss (RetinaNet) of 0/1 ``labels`` and ``logits``, in float32."""
+    y, x = ops.cast(labels, "float32"), ops.cast(logits, "float32")
+    p = ops.sigmoid(x)
+    p_t = p * y + (1 - p) * (1 - y)
+    return (alpha * y + (1 - alpha) * (1 - y)) * ops.power(1 - p_t, gamma) * _bce_with_logits(y, x)
+
+
+def giou(boxes1, boxes2, eps: float = 1e-7):
+    """Element-wise generalized IoU of (..., 4) boxes x0, y0, x1, y1; finite for empty and degenerate boxes."""
+    a, b = ops.cast(boxes1, "float32"), ops.cast(boxes2, "float32")
+
+    def area(x):
+        return ops.maximum(x[..., 2] - x[..., 0], 0.0) * ops.maximum(x[..., 3] - x[..., 1], 0.0)
+
+    lo, hi = ops.maximum(a[..., :2], b[..., :2]), ops.minimum(a[..., 2:], b[..., 2:])
+    inter = ops.prod(ops.maximum(hi - lo, 0.0), axis=-1)
+    union = area(a) + area(b) - inter
+    enclose = ops.prod(ops.maximum(a[..., 2:], b[..., 2:]) - ops.minimum(a[..., :2], b[..., :2]), axis=-1)
+    enclose = ops.maximum(enclose, 0.0)
+    return inter / ops.maximum(union, eps) - (enclose - union) / ops.maximum(enclose, eps)
+
+
+def _ltrb_boxes(ltrb):
+    """Distances (l, t, r, b) from a location -> a box around that location taken as the origin."""
+    return ops.concatenate([-ltrb[..., :2], ltrb[..., 2:]], axis=-1)
+
+
+def fcos_loss_terms(targets, outputs, num_classes: int, alpha: float = 0.25, gamma: float = 2.0,
+                    replica_sum=None):
+    """FCOS losses from :func:`~mammodg.models.fcos_targets.fcos_targets` and the model outputs, in float32.
+
+    * ``classification``: sigmoid focal loss over all locations and classes / max(1, positives);
+    * ``box``: (1 - GIoU) on positives weighted by the centerness target / the sum of those weights;
+    * ``centerness``: BCE of the centerness logit on positives / max(1, positives);
+    * ``total``: their sum.
+
+    Positives and weights are summed over replicas by ``replica_sum`` (identity when None). A batch without
+    positives gives 0 for ``box`` and ``centerness`` (no 0/0): images without lesions train classification only.
+    """
+    labels = ops.cast(targets["labels"], "int32")
+    positive = ops.cast(labels >= 0, "float32")
+    weight = ops.cast(targets["centerness"], "float32") * positive
+    onehot = ops.one_hot(ops.maximum(labels, 0), num_classes, dtype="float32") * positive[..., None]
+    local = ops.stack([ops.sum(positive), ops.sum(weight)])
+    num_pos, weight_sum = ops.unstack(replica_sum(local) if replica_sum is not None else local)
+    norm = ops.maximum(num_pos, 1.0)
+    cls = ops.sum(sigmoid_focal_loss(onehot, outputs["classification"], alpha, gamma)) / norm
+    pred = _ltrb_boxes(ops.cast(outputs["regression"], "float32"))
+    target = _ltrb_boxes(ops.cast(targets["ltrb"], "float32"))
+    box = ops.sum((1.0 - giou(pred, target)) * weight) / ops.maximum(weight_sum, 1e-6)
+    ctr_bce = _bce_with_logits(ops.cast(targets["centerness"], "float32"), ops.cast(outputs["centerness"], "float32"))
+    ctr = ops.sum(ctr_bce * positive) / norm
+    return {"classification": cls, "box": box, "centerness": ctr, "total": cls + box + ctr}
+
+
+@keras.saving.register_keras_serializable("mammodg")
+class FCOSLoss:
+    """FCOS loss for one input geometry: ``loss(y_true, y_pred)`` -> dict of the three terms and ``total``.
+
+    ``y_true``: ``{"boxes": (B, M, 4) x0, y0, x1, y1 in input pixels, "classes": (B, M) ints, -1 = padding}``;
+    ``y_pred``: the detector's output dict. Targets follow :func:`~mammodg.models.fcos_targets.fcos_targets`
+    with the regression ranges of ``levels`` unless ``ranges`` is given. In a ``compute_loss`` override
+    return ``loss(y, y_pred)["total"]``; under ``tf.distribute`` pass ``replica_sum`` (e.g.
+    ``lambda x: tf.distribute.get_replica_context().all_reduce("SUM", x)``) so positives are counted globally.
+    """
+
+    def __init__(self, image_shape, num_classes: int = 1, levels=(3, 4, 5, 6, 7), ranges=None,
+                 center_radius: float = 1.5, alpha: float = 0.25, gamma: float = 2.0, replica_sum=None):
+        from mammodg.models import fcos_targets as ft
+
+        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
+        self.num_classes, self.levels = int(num_classes), ft.check_levels(levels)
+        self.ranges = [tuple(float(v) for v in r) for r in (ranges or ft.regression_ranges(self.levels))]
+        self.center_radius, self.alpha, self.gamma = float(center_radius), float(alpha), float(gamma)
+        self.replica_sum = replica_sum
+        self._shapes, self._strides = ft.level_shapes(self.image_shape, self.levels), ft.strides_of(self.levels)
+
+    def targets(self, y_true):
+        from mammodg.models.fcos_targets import fcos_targets
+
+        return fcos_targets(y_true["boxes"], y_true["classes"], self._shapes, self._strides, self.ranges,
+                            self.center_radius)
+
+    def __call__(self, y_true, y_pred):
+        return fcos_loss_terms(self.targets(y_true), y_pred, self.num_classes, self.alpha, self.gamma,
+                               self.replica_sum)
+
+    def get_config(self):
+        return {"image_shape": list(self.image_shape), "num_classes": self.num_classes, "levels": list(self.levels),
+                "ranges": [list(r) for r in self.ranges], "center_radius": self.center_radius, "alpha": self.alpha,
+                "gamma": self.gamma}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

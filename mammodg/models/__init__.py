@@ -7,7 +7,8 @@ Registered names (see :mod:`mammodg.models.vgg` and :mod:`mammodg.models.cyclega
 * ``"vgg_classifier"``: :func:`~mammodg.models.vgg.vgg_classifier`, the full 2-level image model (2 logits);
 * ``"cyclegan_generator"``: :func:`~mammodg.models.cyclegan.resnet_generator`, the CycleGAN ResNet generator;
 * ``"patchgan_discriminator"``: :func:`~mammodg.models.cyclegan.patchgan_discriminator`, the 70x70 PatchGAN;
-* ``"resnet50_backbone"``, ``"contrastive_model"``: :mod:`mammodg.models.resnet`, the contrastive encoder.
+* ``"resnet50_backbone"``, ``"contrastive_model"``: :mod:`mammodg.models.resnet`, the contrastive encoder;
+* ``"fcos"``, ``"fcos_resnet50_features"``, ``"fcos_tiny_features"``: :mod:`mammodg.models.fcos`, the mass detector.
 
 Example::
 
@@ -56,7 +57,7 @@ def build(name: str, **kwargs):
 
 # Imported last: the model modules use ``register`` from this (by then initialised) package.
 from mammodg.models import vgg  # noqa: E402
-from mammodg.models import cyclegan, resnet  # noqa: E402
+from mammodg.models import cyclegan, fcos, resnet  # noqa: E402
 from mammodg.models.cyclegan import patchgan_discriminator, resnet_generator  # noqa: E402
 from mammodg.models.vgg import (  # noqa: E402
     VGGBackbone,
