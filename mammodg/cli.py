@@ -152,6 +152,13 @@ def quiet_tensorflow() -> None:
     absl.logging.set_verbosity(absl.logging.ERROR)
 
 
+def cmd_export(args) -> int:
+    from mammodg.export import export_run
+
+    export_run(args.run, args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mammodg", description="Mammography training across hospitals and vendors.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show TensorFlow's start-up and log messages")
@@ -215,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val")
     p.add_argument("--n-boot", type=int, default=2000)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="SavedModel(s) of a run with the serve_images / serve_examples signatures")
+    p.add_argument("--run", required=True, help="run folder of a trained stage")
+    p.add_argument("--out", help="output folder (default: <run>/saved_model)")
+    p.set_defaults(func=cmd_export)
 
     args = parser.parse_args(argv)
     if not args.verbose:

@@ -1,0 +1,244 @@
+"""``mammodg export``: the SavedModels of a training run, with fixed, documented serving signatures.
+
+Every SavedModel has two signatures with the same named outputs (README "Export"):
+
+- ``serve_images(images)``: ``uint16 (b, h, w, 1)``, the stored image batch exactly as written in the
+  records (0 outside the breast, ``1 + round(65534 v)`` inside); the model input is made inside the
+  graph with :func:`mammodg.records.schema.model_input`, so no client re-implements it;
+- ``serve_examples(examples)``: ``string (b,)`` serialized records (one dataset: one image shape); also
+  returns each record's ``image_id``.
+
+The SavedModel needs TensorFlow only (no mammodg) to load and serve.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+SIGNATURES = ("serve_images", "serve_examples")
+SAVED_MODEL_DIR = "saved_model"  # default ``out``: <run>/saved_model
+
+
+def _need(path: Path, how: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {how}")
+    return path
+
+
+def _train_hint(run: Path, stage: str) -> str:
+    return f"train the run first (mammodg train --stage {stage} --set run_dir={run})"
+
+
+def _model_inputs(images, target_mean: float):
+    """Stored uint16 batch -> float32 model inputs, each image with its own outside constant."""
+    import tensorflow as tf
+
+    from mammodg.records.schema import model_input
+
+    return tf.map_fn(lambda s: model_input(s, target_mean), images, fn_output_signature=tf.float32)
+
+
+def _unit_values(images):
+    """Stored uint16 batch -> float32 values in [0, 1] inside the breast, 0 outside."""
+    from mammodg.records.schema import model_input
+
+    return model_input(images, target_mean=0.0, fill=0.0)
+
+
+def _stored(values, mask):
+    """[0, 1] values + mask -> the stored uint16 encoding; the graph form of
+    :func:`mammodg.preprocess.breast.to_stored` (same rounding: half to even)."""
+    import tensorflow as tf
+
+    from mammodg.preprocess.breast import STORED_MAX
+
+    v = 1.0 + tf.round(tf.clip_by_value(values, 0.0, 1.0) * (STORED_MAX - 1))
+    return tf.cast(tf.where(mask, v, 0.0), tf.uint16)
+
+
+def serving_module(models: dict, image_shape, outputs):
+    """A ``tf.Module`` holding ``models`` (tracked, so their weights are saved) with the two signatures.
+
+    ``outputs(images)`` maps a stored uint16 batch ``(b, *image_shape, 1)`` to a dict of named tensors;
+    ``image_shape`` is ``(h, w)`` or ``(None, None)``.
+    """
+    import tensorflow as tf
+
+    from mammodg.records.schema import parse
+
+    image_spec = tf.TensorSpec([None, *image_shape, 1], tf.uint16, name="images")
+    module = tf.Module()
+    module.models = dict(models)
+
+    @tf.function(input_signature=[image_spec])
+    def serve_images(images):
+        return outputs(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve_examples(examples):
+        def one(raw):
+            r = parse(raw)
+            return r["image"], r["image_id"]
+
+        images, ids = tf.map_fn(one, examples, fn_output_signature=(
+            tf.TensorSpec([None, None, 1], tf.uint16), tf.TensorSpec([], tf.string)))
+        return {**outputs(tf.ensure_shape(images, image_spec.shape)), "image_id": ids}
+
+    module.serve_images, module.serve_examples = serve_images, serve_examples
+    return module
+
+
+# ---------------------------------------------------------------------------------------- per stage
+def _vgg(run: Path, cfg, name: str, input_shape):
+    """The run's VGG-like model (``name`` in the registry) with its best EMA weights."""
+    from mammodg import models
+
+    model = models.build(name, input_shape=input_shape, width=cfg.width, filters=tuple(cfg.filters))
+    model.load_weights(_need(run / "best.weights.h5", _train_hint(run, cfg.stage)))
+    return model
+
+
+def _patch(run: Path, cfg) -> dict:
+    """Patch classes of whole stored images: the patch classifier's maximum score over every patch
+    position of the image (a 224 patch is one position), and the map of per-position probabilities."""
+    import keras
+    import tensorflow as tf
+
+    from mammodg import models
+
+    model = _vgg(run, cfg, "patch_classifier", (cfg.patch_size, cfg.patch_size, 1))
+    backbone = models.find_backbone(model)
+    pool = model.get_layer("patch_logits")
+
+    def outputs(images):
+        scores = backbone(_model_inputs(images, cfg.target_mean), training=False)  # (b, h', w', 5) logits
+        probs = keras.ops.softmax(pool(scores), axis=-1)
+        return {"probabilities": probs, "patch_class": tf.argmax(probs, axis=-1, output_type=tf.int32),
+                "probability_map": keras.ops.softmax(scores, axis=-1)}
+
+    return {"": serving_module({"patch_classifier": model}, (None, None), outputs)}
+
+
+def _classifier(run: Path, cfg) -> dict:
+    """Malignancy of whole stored images (the input shape of the run's dataset, ``dataset.json``)."""
+    import keras
+
+    from mammodg import models
+    from mammodg.records.reader import load_index
+
+    h, w = load_index(cfg.data_dir)["image_shape"]
+    model = _vgg(run, cfg, "vgg_classifier", (h, w, 1))
+
+    def outputs(images):
+        logits = model(_model_inputs(images, cfg.target_mean), training=False)
+        return {"probability": models.malignancy_probability(logits),
+                "probabilities": keras.ops.softmax(logits, axis=-1), "logits": logits}
+
+    return {"": serving_module({"vgg_classifier": model}, (h, w), outputs)}
+
+
+def encoder_size(input_size, crop_scale) -> tuple[int, int]:
+    """(h, w) a whole image is resized to for the contrastive encoder: the scale of the training crops
+    (a crop of ``mean(crop_scale)`` of the image area, ``sqrt`` of each side, resized to ``input_size``)."""
+    side = math.sqrt(sum(crop_scale) / len(crop_scale))
+    return tuple(max(1, round(n / side)) for n in input_size)
+
+
+def _contrastive(run: Path, cfg) -> dict:
+    """Image embeddings of the contrastive backbone: the whole image at the training-crop scale
+    (:func:`encoder_size`), globally average-pooled (2048 features)."""
+    import tensorflow as tf
+
+    from mammodg import models
+
+    backbone = models.build("resnet50_backbone", input_shape=(None, None, 1))
+    backbone.load_weights(_need(run / "backbone.weights.h5", _train_hint(run, "contrastive")))
+    size = encoder_size(cfg.contrastive.input_size, cfg.contrastive.crop_scale)
+
+    def outputs(images):
+        x = tf.image.resize(_model_inputs(images, cfg.target_mean), size, method="bilinear", antialias=True)
+        return {"embedding": backbone(x, training=False)}
+
+    return {"": serving_module({"backbone": backbone}, (None, None), outputs)}
+
+
+def _cyclegan(run: Path, cfg) -> dict:
+    """One SavedModel per generator direction, in ``<src>__to__<dst>/``: stored images of style ``src``
+    -> the same images in style ``dst``, as :meth:`mammodg.records.styles.StyleTransfer.transfer` does
+    (generator in [-1, 1], -1 outside the breast, sides reflect-padded to multiples of 4 and cropped back)."""
+    import keras
+    import tensorflow as tf
+
+    import mammodg.models  # noqa: F401  (registers the generator's layers)
+    from mammodg.records.styles import STYLES_JSON
+
+    info = json.loads(_need(run / STYLES_JSON, _train_hint(run, "cyclegan")).read_text())
+    out = {}
+    for g in info["generators"]:
+        generator = keras.models.load_model(_need(run / g["keras"], _train_hint(run, "cyclegan")))
+
+        def outputs(images, generator=generator):
+            mask = images > 0
+            x = tf.where(mask, _unit_values(images) * 2.0 - 1.0, -1.0)
+            h, w = tf.shape(x)[1], tf.shape(x)[2]
+            x = tf.pad(x, [[0, 0], [0, -h % 4], [0, -w % 4], [0, 0]], mode="REFLECT")
+            y = generator(x, training=False)[:, :h, :w]
+            styled = tf.where(mask, tf.clip_by_value((y + 1.0) / 2.0, 0.0, 1.0), 0.0)
+            return {"styled_image": _stored(styled, mask), "styled_image_float": styled}
+
+        out[Path(g["keras"]).name.removesuffix(".keras")] = serving_module({"generator": generator}, (None, None), outputs)
+    return out
+
+
+STAGE_EXPORTS = {"patch": _patch, "classifier": _classifier, "contrastive": _contrastive, "cyclegan": _cyclegan}
+
+
+# ---------------------------------------------------------------------------------------- writing
+def describe(module) -> list[str]:
+    """One line per signature: ``name(input: dtype[shape]) -> output: dtype[shape], ...``."""
+    def spec(name, t):
+        return f"{name}: {t.dtype.name}[{', '.join('?' if d is None else str(d) for d in t.shape.as_list())}]"
+
+    lines = []
+    for name in SIGNATURES:
+        fn = getattr(module, name).get_concrete_function()
+        inputs = ", ".join(spec(s.name, s) for s in fn.structured_input_signature[0])
+        outputs = ", ".join(spec(k, t) for k, t in sorted(fn.structured_outputs.items()))
+        lines.append(f"{name}({inputs}) -> {outputs}")
+    return lines
+
+
+def _save(module, path: Path) -> None:
+    """tf.saved_model.save through a temporary folder renamed into place (never a half-written model)."""
+    import tensorflow as tf
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(module, str(tmp), signatures={k: getattr(module, k) for k in SIGNATURES})
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def export_run(run_dir, out=None, log=print) -> list[Path]:
+    """Write the SavedModel(s) of a training run (default ``<run>/saved_model``) and log their
+    signatures; returns their folders. Stages call it at the end of training."""
+    from mammodg.config import TrainConfig, load
+
+    run = Path(run_dir)
+    cfg = load(TrainConfig, _need(run / "config.yaml", "not a training run (mammodg train --stage S writes it)"))
+    if cfg.stage not in STAGE_EXPORTS:
+        raise ValueError(f"{run / 'config.yaml'}: stage {cfg.stage!r} has no export; known: {sorted(STAGE_EXPORTS)}")
+    out = Path(out) if out else run / SAVED_MODEL_DIR
+    paths = []
+    for name, module in STAGE_EXPORTS[cfg.stage](run, cfg).items():
+        path = out / name if name else out
+        _save(module, path)
+        log(f"SavedModel ({cfg.stage}): {path}")
+        for line in describe(module):
+            log(f"  {line}")
+        paths.append(path)
+    return paths
