@@ -8,7 +8,8 @@ continuous pixels ``(x, y)`` (pixel ``i`` spans ``[i, i + 1)``), like the lesion
   bright muscle in the top-left corner, from its top intercept ``(a, 0)`` to its chest-wall intercept
   ``(0, b)``. It is found by search: over a grid of ``(a, b)`` (then a finer grid around the best), the
   line that maximises the mean brightness in a band on the corner side minus that in a band on the
-  breast side (both inside the mask). A line whose contrast stays under ``MIN_PECTORAL_CONTRAST`` is
+  breast side (both inside the mask, below the top 1% of rows, where film borders and collimator
+  edges are bright). A line whose contrast stays under ``MIN_PECTORAL_CONTRAST`` is
   not a muscle: the chest wall falls back to the left edge (``status`` says so).
 - **Nipple.** The breast-contour point farthest from the left edge (the breast apex, as the phantoms
   define it): the rightmost mask column, at the median of the rows reaching it. On 80 phantom MLOs
@@ -100,10 +101,11 @@ def _nipple(mask: np.ndarray) -> tuple[float, float]:
 
 def _band_contrast(img, mask, a, b, width, n=48):
     """Mean of ``img`` in a band of ``width`` on the corner side of the line (a, 0)-(0, b) minus the
-    mean on the other side (mask pixels only); vectorised over arrays of candidates ``a``, ``b``."""
+    mean on the other side (mask pixels below the top 2% of rows only); vectorised over arrays of candidates ``a``, ``b``."""
     a = np.asarray(a, np.float64)[:, None, None]
     b = np.asarray(b, np.float64)[:, None, None]
     t = np.linspace(0.05, 0.95, n)[None, :, None]
+    skip_rows = 0.01 * mask.shape[0]  # film borders and collimator edges along the top are not muscle
     norm = np.hypot(a, b)
     nx, ny = -b / norm, -a / norm  # unit normal toward the corner (0, 0)
     off = np.linspace(0.15, 1.0, 4)[None, None, :] * width
@@ -113,7 +115,7 @@ def _band_contrast(img, mask, a, b, width, n=48):
         px, py = xs + sign * off * nx, ys + sign * off * ny
         ix = np.clip(np.floor(px).astype(int), 0, mask.shape[1] - 1)
         iy = np.clip(np.floor(py).astype(int), 0, mask.shape[0] - 1)
-        inside = mask[iy, ix] & (px >= 0) & (py >= 0) & (px < mask.shape[1]) & (py < mask.shape[0])
+        inside = mask[iy, ix] & (px >= 0) & (py >= skip_rows) & (px < mask.shape[1]) & (py < mask.shape[0])
         s = np.where(inside, img[iy, ix], 0).sum(axis=(1, 2))
         c = inside.sum(axis=(1, 2))
         means.append(np.where(c >= n, s / np.maximum(c, 1), np.nan))
@@ -126,8 +128,9 @@ def _pectoral(img, mask) -> tuple[float, float, float]:
     smooth = ndimage.gaussian_filter(img, max(0.5, rows / 200))
     top = _rightmost(mask)[: max(1, rows // 50)].max()  # breast width along the top edge
     width = max(2.0, rows / 40)
-    a_lo, a_hi = 0.05 * top, 0.95 * top
-    b_lo, b_hi = 0.1 * rows, 1.0 * rows
+    a_min, a_max = 0.05 * top, 0.95 * top  # the search stays inside these bounds at every level
+    b_min, b_max = 0.1 * rows, 1.0 * rows
+    a_lo, a_hi, b_lo, b_hi = a_min, a_max, b_min, b_max
     best = (np.nan, np.nan, -np.inf)
     for level in range(3):
         a_grid = np.linspace(a_lo, a_hi, 24)
@@ -139,8 +142,8 @@ def _pectoral(img, mask) -> tuple[float, float, float]:
         i = int(np.nanargmax(score))
         best = (float(aa[i]), float(bb[i]), float(score[i]))
         da, db = 2 * (a_hi - a_lo) / 23, 2 * (b_hi - b_lo) / 23
-        a_lo, a_hi = max(1.0, best[0] - da), min(cols, best[0] + da)
-        b_lo, b_hi = max(1.0, best[1] - db), min(rows, best[1] + db)
+        a_lo, a_hi = max(a_min, best[0] - da), min(a_max, best[0] + da)
+        b_lo, b_hi = max(b_min, best[1] - db), min(b_max, best[1] + db)
     return best
 
 
