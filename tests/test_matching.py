@@ -115,3 +115,32 @@ def test_geometric_features_by_hand():
     # |x + y - 40| / sqrt(2) = 35 / sqrt(2)
     np.testing.assert_allclose(mlo[0, 1], 35 / np.sqrt(2) / 100, rtol=1e-6)
     assert mlo.dtype == np.float32 and M.geometric_features(np.zeros((0, 4)), (0, 0), ((0, 0), (0, 1)), 10).shape == (0, 3)
+
+
+def test_phantom_boxes_keep_lesion_order_across_views():
+    """The identity assumption on phantom truth: a phantom lesion keeps its depth behind the nipple in
+    both views, so the k-th CC box and the k-th MLO box of a breast lie at the same horizontal distance
+    from the nipple (the other order does not fit)."""
+    from itertools import permutations
+
+    from mammodg import phantom as ph
+
+    st = ph.default_styles(1)[0]
+    eff = st.pixel_spacing_mm / 0.25
+    checked = 0
+    for i in range(16):
+        for br in ph.sample_patient(np.random.default_rng([0, i]), i):
+            if len(br.lesions) < 2:
+                continue
+            depth = {}
+            for view in ("CC", "MLO"):
+                _, boxes = ph.render(br, view, st, scale=0.25)
+                nx = ph.landmarks(br, view, st, scale=0.25)["nipple"][0]
+                depth[view] = np.array([abs(nx - (b["box"][0] + b["box"][2]) / 2) * eff for b in boxes])
+            assert len(depth["CC"]) == len(depth["MLO"])
+            cc_ids, mlo_ids = M.lesion_ids_by_order(len(depth["CC"]), len(depth["MLO"]))
+            assert np.all(np.abs(depth["CC"][cc_ids] - depth["MLO"][mlo_ids]) < 2.0)
+            cost = {p: np.abs(depth["CC"] - depth["MLO"][list(p)]).sum() for p in permutations(range(len(mlo_ids)))}
+            assert min(cost, key=cost.get) == tuple(mlo_ids)
+            checked += 1
+    assert checked >= 2
