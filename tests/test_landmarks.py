@@ -90,6 +90,8 @@ def test_pectoral_line_angle_and_offset(results):
     (np.zeros(10), "CC", None, "bad_image"),
     (np.zeros((0, 5)), "MLO", None, "bad_image"),
     (np.ones((64, 48)), "CC", np.zeros((64, 48), bool), "empty_mask"),
+    (np.ones((64, 48)), "CC", np.ones((32, 48), bool), "bad_mask"),
+    (np.array([["a", "b"], ["c", "d"]]), "CC", None, "bad_image"),
     (np.ones((64, 48)), "MLO", None, "pectoral_not_found"),  # uniform: no muscle
 ])
 def test_fallbacks_never_raise(image, view, mask, status):

@@ -16,8 +16,8 @@ continuous pixels ``(x, y)`` (pixel ``i`` spans ``[i, i + 1)``), like the lesion
   (256 rows) this was 0.4 mm from the truth in median; the contour point farthest from the pectoral
   line was 2.8 mm (median) and 35 mm (90th percentile) away, so it is not used.
 - **Fallbacks.** An empty or implausible mask (fewer than ``MIN_MASK_PIXELS`` pixels, or less than
-  0.5% of the image) or a non-finite image never raises: the nipple is the image centre, the chest
-  wall the left edge, and ``status`` names the reason.
+  0.5% of the image), a mask of another shape, or a non-numeric, non-finite or non-2-D image never
+  raises: the nipple is the image centre, the chest wall the left edge, and ``status`` names the reason.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Landmarks:
 
     nipple: tuple[float, float]
     chest_wall: tuple[tuple[float, float], tuple[float, float]]
-    status: str = "ok"  # "ok" | "pectoral_not_found" | "empty_mask" | "bad_image"
+    status: str = "ok"  # "ok" | "pectoral_not_found" | "empty_mask" | "bad_mask" | "bad_image"
     pectoral_contrast: float = 0.0  # MLO: the band contrast of the chosen line
 
     @property
@@ -156,9 +156,12 @@ def estimate_landmarks(image, view: str, mask=None) -> Landmarks:
     centre = (cols / 2.0, rows / 2.0)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
-    if image.ndim != 2 or image.size == 0 or not np.all(np.isfinite(image)):
+    if image.ndim != 2 or image.size == 0 or not np.issubdtype(image.dtype, np.number) or not np.all(np.isfinite(image)):
         return Landmarks(centre, edge, "bad_image")
-    mask = image > 0 if mask is None else np.asarray(mask, bool).reshape(image.shape)
+    mask = image > 0 if mask is None else np.asarray(mask)
+    if mask.shape != image.shape:
+        return Landmarks(centre, edge, "bad_mask")
+    mask = mask.astype(bool)
     if mask.sum() < max(MIN_MASK_PIXELS, 0.005 * mask.size):
         return Landmarks(centre, edge, "empty_mask")
     nipple = _nipple(mask)
