@@ -8,8 +8,8 @@ continuous pixels ``(x, y)`` (pixel ``i`` spans ``[i, i + 1)``), like the lesion
   bright muscle in the top-left corner, from its top intercept ``(a, 0)`` to its chest-wall intercept
   ``(0, b)``. It is found by search: over a grid of ``(a, b)`` (then a finer grid around the best), the
   line that maximises the mean brightness in a band on the corner side minus that in a band on the
-  breast side (both inside the mask, below the top 1% of rows, where film borders and collimator
-  edges are bright). A line whose contrast stays under ``MIN_PECTORAL_CONTRAST`` is
+  breast side (both inside the mask, below the top ``TOP_ROWS_SKIPPED`` of rows, where film borders
+  and collimator edges are bright). A line whose contrast stays under ``MIN_PECTORAL_CONTRAST`` is
   not a muscle: the chest wall falls back to the left edge (``status`` says so).
 - **Nipple.** The breast-contour point farthest from the left edge (the breast apex, as the phantoms
   define it): the rightmost mask column, at the median of the rows reaching it. On 80 phantom MLOs
@@ -28,6 +28,7 @@ from scipy import ndimage
 
 MIN_MASK_PIXELS = 16
 MIN_PECTORAL_CONTRAST = 0.03  # in renormalised [0, 1] units
+TOP_ROWS_SKIPPED = 0.01  # film borders and collimator edges along the top are bright but not muscle
 
 
 @dataclasses.dataclass
@@ -101,11 +102,12 @@ def _nipple(mask: np.ndarray) -> tuple[float, float]:
 
 def _band_contrast(img, mask, a, b, width, n=48):
     """Mean of ``img`` in a band of ``width`` on the corner side of the line (a, 0)-(0, b) minus the
-    mean on the other side (mask pixels below the top 2% of rows only); vectorised over arrays of candidates ``a``, ``b``."""
+    mean on the other side (mask pixels below the top ``TOP_ROWS_SKIPPED`` of rows only); vectorised
+    over arrays of candidates ``a``, ``b``."""
     a = np.asarray(a, np.float64)[:, None, None]
     b = np.asarray(b, np.float64)[:, None, None]
     t = np.linspace(0.05, 0.95, n)[None, :, None]
-    skip_rows = 0.01 * mask.shape[0]  # film borders and collimator edges along the top are not muscle
+    skip_rows = TOP_ROWS_SKIPPED * mask.shape[0]
     norm = np.hypot(a, b)
     nx, ny = -b / norm, -a / norm  # unit normal toward the corner (0, 0)
     off = np.linspace(0.15, 1.0, 4)[None, None, :] * width
@@ -132,7 +134,7 @@ def _pectoral(img, mask) -> tuple[float, float, float]:
     b_min, b_max = 0.1 * rows, 1.0 * rows
     a_lo, a_hi, b_lo, b_hi = a_min, a_max, b_min, b_max
     best = (np.nan, np.nan, -np.inf)
-    for level in range(3):
+    for _ in range(3):  # each level: a 24 x 24 grid, then zoom on the best
         a_grid = np.linspace(a_lo, a_hi, 24)
         b_grid = np.linspace(b_lo, b_hi, 24)
         aa, bb = (g.ravel() for g in np.meshgrid(a_grid, b_grid))
