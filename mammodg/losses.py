@@ -105,5 +105,5 @@ def max_margin_contrastive(f1, f2, y, margin: float = 10.0):
     d = ops.sqrt(ops.maximum(sq, 1e-12))
     y = ops.cast(ops.reshape(y, ops.shape(sq)), "float32")
     per_pair = y * sq + (1.0 - y) * ops.square(ops.maximum(margin - d, 0.0))
-    k = ops.cast(ops.shape(sq)[0], "float32")
+    k = ops.maximum(ops.cast(ops.shape(sq)[0], "float32"), 1.0)  # K = 0 (no pair) gives 0, not NaN
     return ops.sum(per_pair) / (2.0 * k)

@@ -34,6 +34,7 @@ def test_hand_values():
     # identical embeddings: a matched pair costs 0, an unmatched one m^2 / 2 (with K = 1)
     assert float(max_margin_contrastive(f1[:1], f1[:1], np.array([1.0]))) == 0.0
     assert float(max_margin_contrastive(f1[:1], f1[:1], np.array([0.0]), margin=4.0)) == pytest.approx(8.0, rel=1e-5)
+    assert float(max_margin_contrastive(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), np.zeros(0))) == 0.0
 
 
 def test_gradient_finite_at_zero_distance():
