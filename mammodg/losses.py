@@ -201,3 +201,18 @@ class FCOSLoss:
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+def max_margin_contrastive(f1, f2, y, margin: float = 10.0):
+    """Eq. (3) of MSVCL v2, the matching loss: ``1/(2K) sum_k Y D^2 + (1 - Y) max(m - D, 0)^2``.
+
+    ``f1``, ``f2``: (K, d) embeddings of the CC and MLO ROI of K pairs; ``y``: (K,) 1 for a matched
+    pair (the same lesion), 0 otherwise; ``D = ||f1 - f2||_2``. The positive term uses the squared
+    distance directly (no square root, so its gradient is defined at D = 0).
+    """
+    diff = ops.cast(f1, "float32") - ops.cast(f2, "float32")
+    sq = ops.sum(ops.square(diff), axis=-1)
+    d = ops.sqrt(ops.maximum(sq, 1e-12))
+    y = ops.cast(ops.reshape(y, ops.shape(sq)), "float32")
+    per_pair = y * sq + (1.0 - y) * ops.square(ops.maximum(margin - d, 0.0))
+    k = ops.maximum(ops.cast(ops.shape(sq)[0], "float32"), 1.0)  # K = 0 (no pair) gives 0, not NaN
+    return ops.sum(per_pair) / (2.0 * k)
