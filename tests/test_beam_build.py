@@ -89,6 +89,10 @@ def test_cli_errors_are_one_line(tmp_path, manifest, monkeypatch, capsys):
     args = ["build-tfrecords", "--manifest", str(manifest), "--out", str(tmp_path / "o")] + SETTINGS
     assert cli.main(args + ["--beam-option", "runner=FlinkRunner"]) == 2
     assert capsys.readouterr().err.strip() == "mammodg build-tfrecords: error: --beam-option needs --runner beam"
+    for option, message in [("runner=NoSuchRunner", "--beam-option runner=NoSuchRunner: Unexpected pipeline runner: NoSuchRunner"),
+                            ("direct_num_workers=abc", "--beam-option: argument --direct_num_workers: invalid int value: 'abc'")]:
+        assert cli.main(args + ["--runner", "beam", "--beam-option", option]) == 2
+        assert capsys.readouterr().err.strip() == f"mammodg build-tfrecords: error: {message}"
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if Beam were not installed
     assert cli.main(args + ["--runner", "beam"]) == 2
     err = capsys.readouterr().err.strip()

@@ -8,7 +8,9 @@ Spark or Dataflow through pipeline options, with ``--out`` and the images on sto
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import pickle
 import sys
 from pathlib import Path
@@ -44,6 +46,27 @@ def parse_options(pairs: list[str], workers: int) -> list[str]:
     return [f"--{k}={v}" for k, v in opts.items()] + switches
 
 
+def _check_options(flags: list[str]):
+    """Parse the flags and resolve the runner before any work: a bad value is one line, not Beam's usage text."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.runners.runner import create_runner
+
+    options = PipelineOptions(flags)  # sets up logging: outside the redirect below
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):  # argparse prints its whole usage, then exits
+            options.get_all_options()  # parses every flag now (an unknown one is dropped with a warning)
+    except SystemExit:
+        last = (err.getvalue().strip().splitlines() or ["invalid option"])[-1]
+        raise BuildError(f"--beam-option: {last.split('error: ', 1)[-1]}") from None
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    try:
+        create_runner(runner)
+    except (ValueError, ImportError) as e:
+        raise BuildError(f"--beam-option runner={runner}: {str(e).split('. ')[0]}") from None
+    return options, runner
+
+
 def _load_chunk(path: str) -> list[Task]:
     with open(path, "rb") as f:
         return pickle.load(f)
@@ -64,14 +87,8 @@ def run_on_beam(tasks: list[Task], workers: int, progress: bool, pairs: list[str
     if not tasks:
         return
     beam = _import_beam()
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-
     flags = parse_options(pairs, workers)
-    try:
-        options = PipelineOptions(flags)
-        runner = options.view_as(StandardOptions).runner or "DirectRunner"
-    except (SystemExit, ValueError) as e:  # argparse exits on a bad value
-        raise BuildError(f"--beam-option: Beam refused the pipeline options {flags}: {e}") from None
+    options, runner = _check_options(flags)
     if not _is_local(runner):
         relative = [t.row.line for t in tasks if not t.row.image_path.is_absolute()]
         if relative:
@@ -108,5 +125,6 @@ def run_on_beam(tasks: list[Task], workers: int, progress: bool, pairs: list[str
 
 def beam_runner(pairs: list[str] | None = None):
     """A ``run_tasks`` for :func:`mammodg.records.writer.build` that runs on Beam with ``pairs`` (KEY=VALUE)."""
-    _import_beam()  # fail before the build starts when Beam is missing
+    _import_beam()  # fail before the build writes anything when Beam is missing or an option is bad
+    _check_options(parse_options(list(pairs or []), 1))
     return lambda tasks, workers, progress: run_on_beam(tasks, workers, progress, list(pairs or []))
