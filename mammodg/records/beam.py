@@ -13,7 +13,6 @@ import dataclasses
 import io
 import pickle
 import sys
-from pathlib import Path
 
 from mammodg.records.writer import BuildError, Task, _done, process_row
 
