@@ -29,8 +29,15 @@ def cmd_build(args) -> int:
     cfg = load(BuildConfig, args.config, args.set)
     if args.workers is not None:
         cfg.workers = args.workers
+    if args.beam_option and args.runner != "beam":
+        raise BuildError("--beam-option needs --runner beam")
+    run_tasks = None  # the local process pool
+    if args.runner == "beam":
+        from mammodg.records.beam import beam_runner
+
+        run_tasks = beam_runner(args.beam_option)
     try:
-        index = build(args.manifest, args.out, cfg, progress=not args.quiet, root=args.root)
+        index = build(args.manifest, args.out, cfg, progress=not args.quiet, root=args.root, run_tasks=run_tasks)
     except OSError as e:  # e.g. --out on a read-only disk or a name too long for a path
         raise BuildError(f"{e.filename or args.out}: {e.strerror or e}") from None
     print(format_summary(index))
@@ -170,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="processes (default: config 'workers', 0 = all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--root", help="confine image paths to this folder ('..', absolute paths and links leaving it are rejected)")
+    p.add_argument("--runner", choices=("local", "beam"), default="local",
+                   help="local: a process pool on this machine; beam: Apache Beam (pip install 'mammodg[beam]'), "
+                        "embedded FnApiRunner with --workers processes unless --beam-option runner=... says otherwise")
+    p.add_argument("--beam-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Beam pipeline option, e.g. runner=FlinkRunner or flink_master=host:8081 (repeatable)")
     _add_config_args(p)
     p.set_defaults(func=cmd_build)
 

@@ -416,10 +416,12 @@ def _duplicate_pixels(ok: list[dict]) -> dict[int, dict]:
 
 
 def build(manifest: str | Path, out: str | Path, cfg: BuildConfig | None = None, *, progress: bool = True,
-          root: str | Path | None = None) -> dict:
+          root: str | Path | None = None, run_tasks=None) -> dict:
     """Build shards, ``dataset.json``, ``rejects.csv`` and ``provenance.csv``; returns the index.
 
-    ``root``: when given, manifest image paths resolving outside it are rejected.
+    ``root``: when given, manifest image paths resolving outside it are rejected. ``run_tasks(tasks,
+    workers, progress)`` runs :func:`process_row` on every task not yet cached: the local process pool
+    (:func:`_run`) when None, or Apache Beam (:func:`mammodg.records.beam.beam_runner`); assembly stays here.
     """
     cfg = cfg or BuildConfig()
     check_config(cfg)
@@ -427,10 +429,10 @@ def build(manifest: str | Path, out: str | Path, cfg: BuildConfig | None = None,
     rows, bad, ignored = read_manifest(manifest, root=root)
     out.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
-        return _build(rows, bad, ignored, out, cfg, progress)
+        return _build(rows, bad, ignored, out, cfg, progress, run_tasks or _run)
 
 
-def _build(rows, bad, ignored, out: Path, cfg: BuildConfig, progress: bool) -> dict:
+def _build(rows, bad, ignored, out: Path, cfg: BuildConfig, progress: bool, run_tasks) -> dict:
     cache = out / CACHE_DIR
     cache.mkdir(exist_ok=True)
     salt = load_or_create_salt(out, cfg.pseudonym_salt)
@@ -438,7 +440,7 @@ def _build(rows, bad, ignored, out: Path, cfg: BuildConfig, progress: bool) -> d
     todo = [t for t in tasks if not _done(t)]
     workers = cfg.workers or os.cpu_count() or 1
     t0 = time.perf_counter()
-    _run(todo, min(workers, max(1, len(todo))), progress)
+    run_tasks(todo, min(workers, max(1, len(todo))), progress)
     t1 = time.perf_counter()
 
     metas = [json.loads((cache / f"{t.key}.json").read_text()) for t in tasks]
