@@ -7,44 +7,51 @@ divided by the temperature, and the loss is the mean over all 2N anchors of
 
     -log( exp(sim(z_i, z_pos) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau) ).
 
+With ``groups`` (an integer id per pair, e.g. the patient) the sum also leaves out every sample of the
+anchor's group except its positive: the other breast or view of the same patient is not a negative. It is
+masked like the self-similarity; the positive always stays, although it shares the anchor's group.
+
 Across replicas (``tf.distribute``), every replica gathers the projections of all replicas, so each
 local anchor sees the negatives of the *global* batch; each replica returns the mean over its own
 anchors and Keras divides by the replica count before summing gradients, which reproduces the
-single-device loss on the global batch exactly.
+single-device loss on the global batch exactly. The groups are gathered the same way.
 """
 from __future__ import annotations
 
 import keras
 from keras import ops
 
-_NEG = -1e9  # masks self-similarity out of the softmax
+_NEG = -1e9  # masks self-similarity (and same-group samples) out of the softmax
 
 
 def _l2_normalize(z):
     return z / ops.sqrt(ops.maximum(ops.sum(ops.square(z), axis=-1, keepdims=True), 1e-24))
 
 
-def _gather_replicas(z):
-    """(global batch, index offset of this replica's rows) under tf.distribute; (z, 0) otherwise."""
+def _gather_replicas(x):
+    """(global batch, index offset of this replica's rows) under tf.distribute; (x, 0) otherwise."""
     import tensorflow as tf
 
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
-        return z, 0
-    n = tf.shape(z)[0]
-    return ctx.all_gather(z, axis=0), ctx.replica_id_in_sync_group * n
+        return x, 0
+    n = tf.shape(x)[0]
+    return ctx.all_gather(x, axis=0), ctx.replica_id_in_sync_group * n
 
 
-def nt_xent_per_anchor(z1, z2, temperature: float = 0.1, cross_replica: bool = False):
-    """NT-Xent of each anchor: shape (2n,), rows ``[z1 anchors, z2 anchors]`` (see the module docstring)."""
+def _local(x):
+    return x, 0
+
+
+def nt_xent_per_anchor(z1, z2, temperature: float = 0.1, groups=None, *, cross_replica: bool = False):
+    """NT-Xent of each anchor: shape (2n,), rows ``[z1 anchors, z2 anchors]``; ``groups``: None or (n,)
+    integer ids (see the module docstring)."""
     z1 = _l2_normalize(ops.cast(z1, "float32"))
     z2 = _l2_normalize(ops.cast(z2, "float32"))
     n = ops.shape(z1)[0]
-    if cross_replica:
-        all1, offset = _gather_replicas(z1)
-        all2, _ = _gather_replicas(z2)
-    else:
-        all1, all2, offset = z1, z2, 0
+    gather = _gather_replicas if cross_replica else _local
+    all1, offset = gather(z1)
+    all2, _ = gather(z2)
     big_n = ops.shape(all1)[0]
     anchors = ops.concatenate([z1, z2], axis=0)  # (2n, d)
     candidates = ops.concatenate([all1, all2], axis=0)  # (2N, d)
@@ -53,44 +60,61 @@ def nt_xent_per_anchor(z1, z2, temperature: float = 0.1, cross_replica: bool = F
     self_idx = ops.concatenate([local, local + big_n], axis=0)
     pos_idx = ops.concatenate([local + big_n, local], axis=0)
     cols = ops.arange(2 * big_n)
-    logits = ops.where(ops.equal(cols[None, :], self_idx[:, None]), _NEG, logits)
+    masked = ops.equal(cols[None, :], self_idx[:, None])
+    if groups is not None:
+        groups = ops.reshape(ops.convert_to_tensor(groups), (-1,))
+        if groups.shape[0] is not None and z1.shape[0] is not None and groups.shape[0] != z1.shape[0]:
+            raise ValueError(f"nt_xent: groups has {groups.shape[0]} ids for {z1.shape[0]} pairs; give one per pair")
+        all_groups, _ = gather(groups)
+        same = ops.equal(ops.concatenate([groups, groups])[:, None], ops.concatenate([all_groups, all_groups])[None, :])
+        not_pos = ops.logical_not(ops.equal(cols[None, :], pos_idx[:, None]))
+        masked = ops.logical_or(masked, ops.logical_and(same, not_pos))
+    logits = ops.where(masked, _NEG, logits)
     return keras.losses.sparse_categorical_crossentropy(pos_idx, logits, from_logits=True)
 
 
-def nt_xent(z1, z2, temperature: float = 0.1, cross_replica: bool = False):
-    """Eq. (1) averaged over the 2N anchors; row i of ``z1`` and row i of ``z2`` are a positive pair."""
-    return ops.mean(nt_xent_per_anchor(z1, z2, temperature, cross_replica))
+def nt_xent(z1, z2, temperature: float = 0.1, groups=None, *, cross_replica: bool = False):
+    """Eq. (1) averaged over the 2N anchors; row i of ``z1`` and row i of ``z2`` are a positive pair.
+    ``groups`` (n,) integer ids: samples of one group are not negatives of each other."""
+    return ops.mean(nt_xent_per_anchor(z1, z2, temperature, groups, cross_replica=cross_replica))
 
 
 @keras.saving.register_keras_serializable("mammodg")
 class NTXent(keras.losses.Loss):
-    """NT-Xent as a Keras loss on ``y_pred`` of shape (b, k, d) (the projections of k views per sample);
-    ``y_true`` is ignored. ``pairs`` lists the positive pairs of views, ``((0, 1),)`` by default; with
-    several (MSVCL: ``((0, 1), (0, 2))``, the multi-style and the multi-view pair) the loss is the mean of
-    their NT-Xent losses. Returns one value per sample (the mean over its anchors and pairs), so Keras'
-    mean over the batch is the mean over the 2N anchors of each pair, and its division by the replica
-    count makes the cross-replica sum equal the global-batch loss.
+    """NT-Xent as a Keras loss on ``y_pred`` of shape (b, k, d) (the projections of k views per sample).
+    ``pairs`` lists the positive pairs of views, ``((0, 1),)`` by default; with several (MSVCL:
+    ``((0, 1), (0, 2))``, the multi-style and the multi-view pair) the loss is the mean of their NT-Xent
+    losses. Returns one value per sample (the mean over its anchors and pairs), so Keras' mean over the
+    batch is the mean over the 2N anchors of each pair, and its division by the replica count makes the
+    cross-replica sum equal the global-batch loss.
+
+    ``y_true`` is ignored unless ``groups=True``; then it is the group id of each sample, shape (b,) or
+    (b, 1), and samples of one group are not negatives of each other in any pair. Keras casts ``y_true`` to
+    float32 before the loss sees it, so ids must be integers below 2**24 to stay distinct
+    (:func:`mammodg.records.pairs.patient_group_id` gives such ids).
     """
 
-    def __init__(self, temperature: float = 0.1, cross_replica: bool = True, pairs=((0, 1),), name: str = "nt_xent",
-                 **kwargs):
+    def __init__(self, temperature: float = 0.1, cross_replica: bool = True, pairs=((0, 1),), groups: bool = False,
+                 name: str = "nt_xent", **kwargs):
         super().__init__(name=name, **kwargs)
         self.temperature = temperature
         self.cross_replica = cross_replica
         self.pairs = tuple(tuple(int(v) for v in p) for p in pairs)
+        self.groups = bool(groups)
 
     def call(self, y_true, y_pred):
         n = ops.shape(y_pred)[0]
         cross = self.cross_replica and keras.backend.backend() == "tensorflow"
+        groups = ops.reshape(y_true, (-1,)) if self.groups else None
         total = 0.0
         for i, j in self.pairs:
-            per_anchor = nt_xent_per_anchor(y_pred[:, i], y_pred[:, j], self.temperature, cross)
+            per_anchor = nt_xent_per_anchor(y_pred[:, i], y_pred[:, j], self.temperature, groups, cross_replica=cross)
             total = total + (per_anchor[:n] + per_anchor[n:]) / 2
         return total / len(self.pairs)
 
     def get_config(self):
         return {**super().get_config(), "temperature": self.temperature, "cross_replica": self.cross_replica,
-                "pairs": [list(p) for p in self.pairs]}
+                "pairs": [list(p) for p in self.pairs], "groups": self.groups}
 
 
 # --- FCOS (Tian et al. 2019; MSVCL v2 section III-C) ---------------------------------------------------------------

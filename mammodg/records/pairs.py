@@ -42,6 +42,16 @@ PAIR_FIELDS: dict[str, tuple[str, bool]] = {
     "density": ("bytes", False),
 }
 VIEW_ORDER = ("CC", "MLO")
+GROUP_ID_BUCKETS = 2**24  # the largest range float32 holds exactly: Keras casts y_true to float32
+
+
+def patient_group_id(patient):
+    """int64 group id of a ``patient`` pseudonym (string tensor, any shape) for NT-Xent's ``groups``:
+    a stable hash (FarmHash) into ``GROUP_ID_BUCKETS``, exact as a float32 ``y_true``. Two patients share
+    an id with probability 2**-24; they then only stop being each other's negatives."""
+    import tensorflow as tf
+
+    return tf.strings.to_hash_bucket_fast(patient, GROUP_ID_BUCKETS)
 
 
 def _png(arr: np.ndarray) -> bytes:
