@@ -61,6 +61,8 @@ def breast_image(rng, h: int, w: int):
     import numpy as np
     from scipy import ndimage
 
+    from mammodg.preprocess.stored import to_stored
+
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     a, b, cy = w * rng.uniform(0.6, 0.9), h * rng.uniform(0.35, 0.47), h * rng.uniform(0.45, 0.55)
     t2 = (xx / a) ** 2 + ((yy - cy) / b) ** 2
@@ -70,14 +72,14 @@ def breast_image(rng, h: int, w: int):
     tex = ndimage.zoom(lo, 16, order=1)[:h, :w]
     tex = (tex - tex.min()) / (np.ptp(tex) + 1e-6)
     v = 0.25 + 0.45 * np.sqrt(thick) + 0.25 * tex * thick + rng.normal(0, 0.01, (h, w)).astype(np.float32)
-    img = np.where(mask, 1 + np.round(np.clip(v, 0, 1) * 65534), 0).astype(np.uint16)
+    img = to_stored(v, mask)
     return img, float(mask.mean())
 
 
 def make_images(n: int, h: int, w: int, level: int, seed: int):
     import numpy as np
 
-    from mammodg.records.writer import encode_png16
+    from mammodg.records.schema import encode_png16
 
     rng = np.random.default_rng(seed)
     out = []
@@ -93,7 +95,9 @@ def write_dataset(out: Path, n_segments: int, per_stream: int, images, h: int, w
 
     from mammodg.config import BuildConfig, PreprocessConfig, to_dict
     from mammodg.records.schema import encode_example
-    from mammodg.records.writer import INDEX_NAME, _atomic_write, write_shards
+    from mammodg.io.atomic import atomic_write_json
+    from mammodg.records.reader import INDEX_FORMAT, INDEX_NAME
+    from mammodg.records.shards import write_shards
 
     cfg = BuildConfig(preprocess=PreprocessConfig(height=h, width=w), shard_size=shard_size, pseudonym_salt="bench")
     out.mkdir(parents=True, exist_ok=True)
@@ -126,13 +130,13 @@ def write_dataset(out: Path, n_segments: int, per_stream: int, images, h: int, w
                               "patient": patient})
     splits = write_shards(out, metas, lambda m: encode_example(records[m["key"]]), shard_size)
     index = {
-        "format": "mammodg-tfrecords/1", "manifest_rows": len(metas), "records": len(metas), "rejected": 0,
+        "format": INDEX_FORMAT, "manifest_rows": len(metas), "records": len(metas), "rejected": 0,
         "rejected_by_reason": {}, "ignored_columns": [], "warnings": [], "segment_keys": cfg.segment_keys,
         "segments": sorted({m["segment"] for m in metas}), "image_shape": [h, w],
         "config": to_dict(cfg) | {"pseudonym_salt": "(not stored)"}, "splits": splits,
         "timing": {"processed": 0, "workers": 0, "process_s": 0.0, "assemble_s": 0.0},
     }
-    _atomic_write(out / INDEX_NAME, json.dumps(index, indent=1).encode())
+    atomic_write_json(out / INDEX_NAME, index)
     return index
 
 

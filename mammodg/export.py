@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 SIGNATURES = ("serve_images", "serve_examples")
@@ -39,24 +37,6 @@ def _model_inputs(images, target_mean: float):
     from mammodg.records.schema import model_input
 
     return tf.map_fn(lambda s: model_input(s, target_mean), images, fn_output_signature=tf.float32)
-
-
-def _unit_values(images):
-    """Stored uint16 batch -> float32 values in [0, 1] inside the breast, 0 outside."""
-    from mammodg.records.schema import model_input
-
-    return model_input(images, target_mean=0.0, fill=0.0)
-
-
-def _stored(values, mask):
-    """[0, 1] values + mask -> the stored uint16 encoding; the graph form of
-    :func:`mammodg.preprocess.breast.to_stored` (same rounding: half to even)."""
-    import tensorflow as tf
-
-    from mammodg.preprocess.breast import STORED_MAX
-
-    v = 1.0 + tf.round(tf.clip_by_value(values, 0.0, 1.0) * (STORED_MAX - 1))
-    return tf.cast(tf.where(mask, v, 0.0), tf.uint16)
 
 
 def serving_module(models: dict, image_shape, outputs):
@@ -173,6 +153,7 @@ def _cyclegan(run: Path, cfg) -> dict:
     import tensorflow as tf
 
     import mammodg.models  # noqa: F401  (registers the generator's layers)
+    from mammodg.preprocess.stored import to_stored_tf, unit_values_tf
     from mammodg.records.styles import STYLES_JSON
 
     info = json.loads(_need(run / STYLES_JSON, _train_hint(run, "cyclegan")).read_text())
@@ -182,12 +163,12 @@ def _cyclegan(run: Path, cfg) -> dict:
 
         def outputs(images, generator=generator):
             mask = images > 0
-            x = tf.where(mask, _unit_values(images) * 2.0 - 1.0, -1.0)
+            x = tf.where(mask, unit_values_tf(images) * 2.0 - 1.0, -1.0)
             h, w = tf.shape(x)[1], tf.shape(x)[2]
             x = tf.pad(x, [[0, 0], [0, -h % 4], [0, -w % 4], [0, 0]], mode="REFLECT")
             y = generator(x, training=False)[:, :h, :w]
             styled = tf.where(mask, tf.clip_by_value((y + 1.0) / 2.0, 0.0, 1.0), 0.0)
-            return {"styled_image": _stored(styled, mask), "styled_image_float": styled}
+            return {"styled_image": to_stored_tf(styled, mask), "styled_image_float": styled}
 
         out[Path(g["keras"]).name.removesuffix(".keras")] = serving_module({"generator": generator}, (None, None), outputs)
     return out
@@ -215,12 +196,11 @@ def _save(module, path: Path) -> None:
     """tf.saved_model.save through a temporary folder renamed into place (never a half-written model)."""
     import tensorflow as tf
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tf.saved_model.save(module, str(tmp), signatures={k: getattr(module, k) for k in SIGNATURES})
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    from mammodg.io.atomic import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tf.saved_model.save(module, str(tmp), signatures={k: getattr(module, k) for k in SIGNATURES})
 
 
 def export_run(run_dir, out=None, log=print) -> list[Path]:

@@ -28,7 +28,9 @@ from mammodg.records import schema
 from mammodg.records.reader import load_index
 from mammodg.records.split import split_patients
 from mammodg.records.verify import ShardError, count_records, verify
-from mammodg.records.writer import BuildError, build, csv_cell, segment_slug, write_csv
+from mammodg.records.csvfiles import csv_cell, write_csv
+from mammodg.records.shards import BuildError, segment_slug
+from mammodg.records.writer import build
 
 SALT = "hardening-test-salt"
 FIELDS = ["image_path", "patient_id", "source", "label", "split"]
@@ -131,13 +133,13 @@ def test_segments_differing_in_dropped_characters_get_their_own_folders(tmp_path
 
 
 def test_write_shards_checks_records_on_disk_against_the_index(tmp_path, monkeypatch):
-    from mammodg.records import writer
+    from mammodg.records import shards
 
-    monkeypatch.setattr(writer, "segment_slug", lambda s: "same")  # the old collision, forced
+    monkeypatch.setattr(shards, "segment_slug", lambda s: "same")  # the old collision, forced
     rec = schema.encode_example({"label": 0})
     metas = [{"split": "train", "segment": s, "label": 0, "patient": "p", "line": i} for i, s in enumerate(["a", "b"])]
     with pytest.raises(BuildError, match="same"):
-        writer.write_shards(tmp_path, metas, lambda m: rec, 4)
+        shards.write_shards(tmp_path, metas, lambda m: rec, 4)
 
 
 def test_rebuild_deletes_only_shards_its_index_listed(tmp_path):
@@ -264,7 +266,7 @@ def test_huge_allocations_rejected_under_memory_limit(tmp_path):
         from pathlib import Path
         from mammodg.config import BuildConfig, PreprocessConfig
         from mammodg.io.manifest import read_manifest
-        from mammodg.records.writer import plan, process_row
+        from mammodg.records.rows import plan_rows, process_row
         tmp = Path({str(tmp_path)!r})
         out = {{}}
         for name, pp in [("ok", {{}}), ("thin", {{}}), ("wide", {{}}), ("huge", {{}}), ("ok", {{"target_spacing_mm": 1e-4}})]:
@@ -272,7 +274,7 @@ def test_huge_allocations_rejected_under_memory_limit(tmp_path):
             rows, _, _ = read_manifest(tmp / "m.csv")
             cfg = BuildConfig(preprocess=PreprocessConfig(height=1152, width=832, **pp), pseudonym_salt={SALT!r})
             cache = tmp / "cache"; cache.mkdir(exist_ok=True)
-            tasks, _ = plan(rows, cfg, {SALT!r}, cache)
+            tasks, _ = plan_rows(rows, cfg, {SALT!r}, cache)
             m = process_row(tasks[0])
             out[name + str(pp)] = m.get("reason", m["status"])
         print(json.dumps(out))
@@ -291,7 +293,7 @@ def test_killed_worker_rejects_its_row_and_the_build_goes_on(tmp_path):
     manifest = _simple(tmp_path, n=6)
     (tmp_path / "killer.py").write_text(textwrap.dedent("""
         import os, signal
-        from mammodg.records.writer import process_row
+        from mammodg.records.rows import process_row
 
         def process(task):
             if task.row.line == 4:
@@ -305,13 +307,13 @@ def test_killed_worker_rejects_its_row_and_the_build_goes_on(tmp_path):
         import killer
         from mammodg.config import BuildConfig, PreprocessConfig
         from mammodg.io.manifest import read_manifest
-        from mammodg.records.writer import _run, plan
+        from mammodg.records.rows import plan_rows, run_local
 
         if __name__ == "__main__":
             rows, _, _ = read_manifest({str(manifest)!r})
             cache = Path({cache_dir!r}); cache.mkdir()
-            tasks, _ = plan(rows, BuildConfig(preprocess=PreprocessConfig(height=64, width=48)), {SALT!r}, cache)
-            _run(tasks, 2, False, fn=killer.process)
+            tasks, _ = plan_rows(rows, BuildConfig(preprocess=PreprocessConfig(height=64, width=48)), {SALT!r}, cache)
+            run_local(tasks, 2, False, fn=killer.process)
             print(json.dumps({{t.row.line: json.loads((cache / (t.key + ".json")).read_text()).get("reason", "ok") for t in tasks}}))
     """)
     (tmp_path / "run.py").write_text(script)

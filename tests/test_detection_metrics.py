@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mammodg.metrics import detection as det
+from mammodg.metrics import detection_report as detrep
 
 
 def _img(gt=(), dets=(), scores=(), domain="A", gt_classes=None, classes=None):
@@ -169,7 +170,7 @@ def test_domain_table_values_and_markdown_on_a_hand_made_case():
     assert r1["seen_avg"] == pytest.approx((hand_ap50 + 1.0) / 2)
     assert r1["unseen"]["S2|D"] == pytest.approx(0.6) and r1["unseen_avg"] == pytest.approx(0.6)
     assert r2["seen_avg"] == pytest.approx(1.0) and r2["unseen_avg"] == pytest.approx(1.0)
-    md = det.domain_table_markdown(rows)
+    md = detrep.domain_table_markdown(rows)
     lines = md.splitlines()
     assert lines[2] == "| Method | Seen: S1\\|A | Seen: S1\\|B | Seen: S1\\|C | Seen avg. | Unseen: S2\\|D | Unseen avg. |"
     assert lines[4] == "| random | 83.4 | 100.0 | n/a | 91.7 | 60.0 | 60.0 |"
@@ -185,26 +186,26 @@ def test_froc_plot_and_overlays_write_pngs(tmp_path):
     from matplotlib.image import imread
 
     curves = {"all": det.froc(HAND + [NO_FINDING]), "A": det.froc(HAND)}
-    p = det.plot_froc(curves, tmp_path / "froc.png")
+    p = detrep.plot_froc(curves, tmp_path / "froc.png")
     assert p.exists() and imread(p).shape[0] > 100
     image = np.zeros((64, 48), np.uint16)
     image[10:50, 0:30] = 30000
     panels = [{"image": image, "gt_boxes": [[5, 5, 20, 20]], "boxes": [[30, 30, 45, 60]], "scores": [0.8],
                "title": "style B"},
               {"image": image[..., None], "gt_boxes": [], "boxes": [[1, 1, 9, 9]], "scores": [0.1], "title": "E"}]
-    p = det.plot_overlays(panels, tmp_path / "overlays.png", score_threshold=0.05)
+    p = detrep.plot_overlays(panels, tmp_path / "overlays.png", score_threshold=0.05)
     rgb = imread(p)[..., :3]
     green = (rgb[..., 1] > 0.7) & (rgb[..., 0] < 0.3) & (rgb[..., 2] < 0.3)
     red = (rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.3) & (rgb[..., 2] < 0.3)
     assert green.sum() > 20 and red.sum() > 20
     with pytest.raises(ValueError, match="panel 0.*image has shape"):
-        det.plot_overlays([{"image": np.zeros((2, 2, 3, 1)), "gt_boxes": [], "boxes": [], "scores": []}],
+        detrep.plot_overlays([{"image": np.zeros((2, 2, 3, 1)), "gt_boxes": [], "boxes": [], "scores": []}],
                           tmp_path / "x.png")
 
 
 def test_write_detection_report(tmp_path):
     images = [dict(im, domain="S1|A") for im in HAND] + [dict(NO_FINDING, domain="S2|E")]
-    out = det.write_detection_report(images, tmp_path, title="demo", seen=["S1|A"], unseen=["S2|E"])
+    out = detrep.write_detection_report(images, tmp_path, title="demo", seen=["S1|A"], unseen=["S2|E"])
     rep = out["report"]
     assert rep["global"]["ap50"] == pytest.approx(0.6)
     assert rep["table_ap50"][0]["seen"]["S1|A"] == pytest.approx(84.25 / 101)

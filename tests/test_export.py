@@ -14,9 +14,9 @@ from mammodg import models
 from mammodg.cli import main
 from mammodg.config import TrainConfig, save
 from mammodg.preprocess.breast import from_stored, to_stored
-from mammodg.records.schema import encode_example, model_input
+from mammodg.records.reader import INDEX_FORMAT
+from mammodg.records.schema import encode_example, encode_png16, model_input
 from mammodg.records.styles import StyleTransfer
-from mammodg.records.writer import encode_png16
 from mammodg.train import Task, Trainer
 
 TOL = 1e-5
@@ -144,7 +144,7 @@ def test_patch_export(tmp_path, capsys):
 def test_classifier_export(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()  # the input shape comes from the run's dataset index
-    (data / "dataset.json").write_text(json.dumps({"format": "mammodg-tfrecords/1", "image_shape": [48, 32]}))
+    (data / "dataset.json").write_text(json.dumps({"format": INDEX_FORMAT, "image_shape": [48, 32]}))
     cfg = vgg_cfg(tmp_path, "classifier", data_dir=str(data))
     trained = train_tiny(cfg, lambda: models.build("vgg_classifier", input_shape=(48, 32, 1), width=cfg.width,
                                                    filters=tuple(cfg.filters)))

@@ -9,12 +9,12 @@ from mammodg import models
 from mammodg.models.vgg import (
     VGGBackbone,
     VGGImageHead,
-    load_backbone_weights,
     malignancy_probability,
     min_input_size,
     patch_classifier,
     vgg_classifier,
 )
+from mammodg.models.vgg_weights import load_backbone_weights
 
 W = 1 / 16  # tiny widths: filters (2, 4, 8, 16, 16, 32), head (64, 32, 5)
 
@@ -65,8 +65,8 @@ def test_paper_image_shapes():
     backbone, head = model.get_layer("backbone"), model.get_layer("image_head")
     assert backbone.filters == (32, 64, 128, 256, 256, 512)
     assert backbone.compute_output_shape((1, 1152, 832, 1)) == (1, 16, 11, 5)
-    plan = head.plan((1, 16, 11, 5))
-    assert plan == {"pool": (5, 5), "pooled": (3, 2), "kernel": (3, 2), "out": (1, 1)}
+    layout = head.layout((1, 16, 11, 5))
+    assert layout == {"pool": (5, 5), "pooled": (3, 2), "kernel": (3, 2), "out": (1, 1)}
     assert tuple(head.a_conv1.kernel.shape) == (3, 2, 5, 16)
     assert tuple(head.b_conv.kernel.shape) == (3, 2, 5, 2)
     assert tuple(model(_x((1, 1152, 832, 1))).shape) == (1, 2)
@@ -75,7 +75,7 @@ def test_paper_image_shapes():
 def test_small_image_classifier(small_classifier):
     head = small_classifier.get_layer("image_head")
     # 288x208 -> backbone map (2, 1): pool the whole map, (3, 2) kernels clipped to (1, 1)
-    assert head.plan((None, 2, 1, 5)) == {"pool": (2, 1), "pooled": (1, 1), "kernel": (1, 1), "out": (1, 1)}
+    assert head.layout((None, 2, 1, 5)) == {"pool": (2, 1), "pooled": (1, 1), "kernel": (1, 1), "out": (1, 1)}
     logits = small_classifier(_x((3, 288, 208, 1)))
     assert tuple(logits.shape) == (3, 2)
     p = _np(malignancy_probability(logits))

@@ -95,9 +95,9 @@ def test_round_trip_and_counts(built):
         assert int(r["label"]) == label
         by_id[r["image_id"].numpy().decode()] = r
     # parsed images equal the preprocessed arrays exactly (checked on every real image and 40 phantoms)
-    from mammodg.records.writer import plan
+    from mammodg.records.rows import plan_rows
 
-    tasks, rejected = plan(rows, _cfg(), SALT, out / "_cache")
+    tasks, rejected = plan_rows(rows, _cfg(), SALT, out / "_cache")
     assert not rejected
     real = [t for t in tasks if t.row.source == "CBIS-DDSM"]
     assert len(real) == 8

@@ -62,13 +62,12 @@ from mammodg.models.cyclegan import patchgan_discriminator, resnet_generator  # 
 from mammodg.models.vgg import (  # noqa: E402
     VGGBackbone,
     VGGImageHead,
-    find_backbone,
-    load_backbone_weights,
     malignancy_probability,
     min_input_size,
     patch_classifier,
     vgg_classifier,
 )
+from mammodg.models.vgg_weights import find_backbone, load_backbone_weights  # noqa: E402
 
 __all__ = [
     "register",

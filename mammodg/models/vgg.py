@@ -1,64 +1,16 @@
 """The VGG-like 2-level model of the periodic-sampling paper (appendix A.2): a Backbone and an image classifier.
 
-Only Keras layers and ``keras.ops`` are used, so the models run on any Keras 3 backend.
-
-Our reading of appendix A.2
----------------------------
-The text gives the block structure and the output shapes; the per-block kernel counts are in Figure 5, which is
-not in the text. The stated shapes hold exactly with the following choices, which we adopt.
-
-**Backbone** (:class:`VGGBackbone`, A.2.2), fully convolutional, input ``(H, W, 1)``:
-
-* 6 convolution blocks, each (a) ``BatchNormalization``, (b) one ``Conv2D`` 3x3 + ReLU, (c) ``MaxPooling2D``
-  2x2 stride 2 (floor). Blocks 1-5 use ``'same'`` padding, the last block ``'valid'`` padding.
-  Default kernel counts ``filters=(32, 64, 128, 256, 256, 512)`` (our VGG-like doubling guess).
-* Then 3 convolutions, ``'valid'``: 1024 kernels 2x2 + ReLU, 512 kernels 1x1 + ReLU, 5 kernels 1x1.
-
-Shapes: ``224 -> 112 -> 56 -> 28 -> 14 -> 7 -> (valid 3x3) 5 -> (pool) 2 -> (2x2) 1``, so a 224x224 patch
-gives ``(1, 1, 5)``; a 1152x832 image gives ``36x26 -> 34x24 -> 17x12 -> 16x11``, i.e. the paper's
-``(16, 11, 5)`` map.
-
-*Deviation*: the paper puts ReLU on all 3 head convolutions; a ReLU on the final class scores would clip the
-logits at 0, so the last (5-kernel) convolution is kept **linear** and the Backbone outputs *logits*. Softmax
-is applied in the loss (``from_logits=True``) or by :func:`patch_classifier` with ``softmax=True``.
-
-``width`` multiplies every kernel count (blocks and the 1024/512 head, ``max(1, round(n * width))``) except the
-5 class scores, so tests and demos can run tiny models (e.g. ``width=1/16``); ``width=1.0`` is the full model.
-
-**Minimum input size**: with ``n`` blocks the last block needs ``>= 6`` pixels so that the 'valid' 3x3 conv,
-the pooling and the 2x2 head conv leave ``>= 1`` position: ``6 * 2**(n - 1)``, i.e. **192** for the 6 default
-blocks (192x192 -> (1, 1, 5)). See :func:`min_input_size`.
-
-**Patch classifier** (:func:`patch_classifier`): Backbone then ``GlobalMaxPooling2D`` -> 5 logits. For 224x224
-patches the map is ``(1, 1, 5)`` and the max is just the reshape to ``(5,)``; for larger patches it takes the
-maximum score over positions.
-
-**Image classifier** (:class:`VGGImageHead`, A.2.3), on the Backbone map (``(16, 11, 5)`` for 1152x832):
-
-* ``MaxPooling2D`` 5x5 stride 5 -> ``(3, 2, 5)``;
-* sub-part 1: 3 blocks [BatchNorm, ReLU, Conv2D] with 16, 8 and 2 kernels of sizes (3, 2), (1, 1), (1, 1),
-  'valid' -> ``(1, 1, 2)``;
-* sub-part 2: BatchNorm, Conv2D 2 kernels (3, 2) -> ``(1, 1, 2)``;
-* the two are summed -> 2 logits (class 0 benign, class 1 malignant); see :func:`malignancy_probability`.
-
-*Robustness for other input sizes* (our addition; the paper only uses 1152x832): the pool size is
-``min(5, dim)`` per dimension (a map smaller than 5 is pooled whole), the (3, 2) kernels become
-``min((3, 2), pooled dims)``, and if more than one position is left after the sum (inputs larger than the paper's)
-a global max over positions gives the 2 logits (at 1x1, the paper's case, this is exactly the flatten). The
-head therefore needs a static map size (known input height and width). The head's 16/8 kernels are not scaled
-by ``width``.
-
-Training (A.2.4): pre-train the Backbone on 5-class patches with :func:`patch_classifier`, then initialise
-the image model's Backbone from it with :func:`load_backbone_weights` (or build both models around the same
-``VGGBackbone`` instance) and fine-tune :func:`vgg_classifier` on whole images.
+:class:`VGGBackbone` scores 5 patch classes per position (224x224 -> (1, 1, 5); 1152x832 -> (16, 11, 5));
+:func:`patch_classifier` takes the maximum over positions; :func:`vgg_classifier` adds :class:`VGGImageHead`
+(2 logits, benign / malignant). Only Keras layers and ``keras.ops`` are used. How the paper's text was read
+(kernel counts, the linear last convolution, the minimum input size, other input sizes): docs/vgg.md.
+Moving a patch-trained Backbone into a classifier: :mod:`mammodg.models.vgg_weights`.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import keras
-import numpy as np
 from keras import layers, ops
 
 from mammodg.models import register
@@ -66,11 +18,9 @@ from mammodg.models import register
 __all__ = [
     "DEFAULT_FILTERS",
     "DEFAULT_HEAD_FILTERS",
-    "PATCH_CLASSES",
+    "NUM_PATCH_CLASSES",
     "VGGBackbone",
     "VGGImageHead",
-    "find_backbone",
-    "load_backbone_weights",
     "malignancy_probability",
     "min_input_size",
     "patch_classifier",
@@ -79,8 +29,8 @@ __all__ = [
 
 DEFAULT_FILTERS: tuple[int, ...] = (32, 64, 128, 256, 256, 512)
 DEFAULT_HEAD_FILTERS: tuple[int, int] = (1024, 512)
-PATCH_CLASSES = 5  # healthy, benign / malignant soft tissue lesion, benign / malignant calcification
-IMAGE_CLASSES = 2  # benign, malignant
+NUM_PATCH_CLASSES = 5  # healthy, benign / malignant soft tissue lesion, benign / malignant calcification
+NUM_IMAGE_CLASSES = 2  # benign, malignant
 PATCH_SIZE = (224, 224)
 IMAGE_SIZE = (1152, 832)
 
@@ -117,7 +67,7 @@ class VGGBackbone(keras.Model):
         width: float = 1.0,
         filters: Sequence[int] = DEFAULT_FILTERS,
         head_filters: Sequence[int] = DEFAULT_HEAD_FILTERS,
-        num_classes: int = PATCH_CLASSES,
+        num_classes: int = NUM_PATCH_CLASSES,
         name: str = "backbone",
         **kwargs,
     ):
@@ -149,7 +99,7 @@ class VGGBackbone(keras.Model):
         self.head_layers = [
             layers.Conv2D(_scaled(head_filters[0], width), 2, activation="relu", name="head_conv1"),
             layers.Conv2D(_scaled(head_filters[1], width), 1, activation="relu", name="head_conv2"),
-            layers.Conv2D(self.num_classes, 1, activation=None, name="logits"),  # linear: see module doc
+            layers.Conv2D(self.num_classes, 1, activation=None, name="logits"),  # linear: see docs/vgg.md
         ]
 
     @property
@@ -224,7 +174,7 @@ class VGGImageHead(layers.Layer):
         pool_size: int = 5,
         kernel_size: Sequence[int] = (3, 2),
         sub_filters: Sequence[int] = (16, 8),
-        num_classes: int = IMAGE_CLASSES,
+        num_classes: int = NUM_IMAGE_CLASSES,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -237,7 +187,7 @@ class VGGImageHead(layers.Layer):
         if len(self.sub_filters) != 2 or min(self.sub_filters) < 1:
             raise ValueError(f"sub_filters must be 2 positive ints, got {sub_filters}")
 
-    def plan(self, input_shape) -> dict:
+    def layout(self, input_shape) -> dict:
         """The pool size, pooled map size and conv kernel size used for a map of shape ``input_shape``."""
         h, w = tuple(input_shape)[1:3]
         if h is None or w is None:
@@ -252,7 +202,7 @@ class VGGImageHead(layers.Layer):
         return {"pool": pool, "pooled": pooled, "kernel": kernel, "out": out}
 
     def build(self, input_shape):
-        p = self.plan(input_shape)
+        p = self.layout(input_shape)
         if getattr(self, "pool", None) is not None:  # already built (e.g. by deserialisation)
             if tuple(self.pool.pool_size) != p["pool"] or tuple(self.b_conv.kernel_size) != p["kernel"]:
                 raise ValueError(f"{self.name}: already built for another map size than {tuple(input_shape)}")
@@ -278,7 +228,7 @@ class VGGImageHead(layers.Layer):
         self.built = True
 
     def compute_output_shape(self, input_shape):
-        self.plan(input_shape)  # validates
+        self.layout(input_shape)  # validates
         return (input_shape[0], self.num_classes)
 
     def call(self, inputs, training=None):
@@ -345,7 +295,7 @@ def vgg_classifier(
     """The full 2-level image model: ``(B, 1152, 832, 1)`` -> ``(B, 2)`` logits (0 benign, 1 malignant).
 
     The Backbone is a sub-model named ``"backbone"`` (``model.get_layer("backbone")``), so its weights can be
-    initialised from a patch-pretrained model with :func:`load_backbone_weights`. ``input_shape`` needs a
+    initialised from a patch-pretrained model with :func:`~mammodg.models.vgg_weights.load_backbone_weights`. ``input_shape`` needs a
     static height and width (>= 192); for 1152x832 the shapes are the paper's (16, 11, 5) -> (3, 2, 5) -> 2.
     ``backbone``: reuse an existing :class:`VGGBackbone` (then ``width``/``filters`` are ignored).
     """
@@ -359,138 +309,3 @@ def vgg_classifier(
 def malignancy_probability(logits):
     """``softmax(logits)[..., 1]``: the probability of the malignant class from the classifier's 2 logits."""
     return ops.softmax(ops.convert_to_tensor(logits), axis=-1)[..., 1]
-
-
-def find_backbone(model) -> VGGBackbone:
-    """The :class:`VGGBackbone` of ``model``: the model itself, its layer ``"backbone"``, or its only VGGBackbone."""
-    if isinstance(model, VGGBackbone):
-        return model
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"expected a keras.Model containing a VGGBackbone, got {type(model).__name__}")
-    found = [layer for layer in model.layers if isinstance(layer, VGGBackbone)]
-    named = [layer for layer in found if layer.name == "backbone"]
-    if len(named) == 1:
-        return named[0]
-    if len(found) == 1:
-        return found[0]
-    raise ValueError(
-        f"model {model.name!r} has {len(found)} VGGBackbone layers "
-        f"({[layer.name for layer in found]}); expected exactly one (named 'backbone')"
-    )
-
-
-def _describe(backbone: VGGBackbone) -> str:
-    return f"width={backbone.width:g}, filters={backbone.filters}, head_filters={backbone.head_filters}"
-
-
-def _check_compatible(source: VGGBackbone, target: VGGBackbone) -> None:
-    if not source.built or not target.built:
-        which = "source" if not source.built else "target"
-        raise ValueError(f"the {which} backbone is not built; call the model on an input (or build it) first")
-    sw, tw = source.weights, target.weights
-    if len(sw) != len(tw):
-        raise ValueError(
-            f"backbone mismatch: source has {len(sw)} weight tensors, target {len(tw)} "
-            f"(source {_describe(source)}; target {_describe(target)})"
-        )
-    for s, t in zip(sw, tw):
-        s_name, t_name = s.path.split("/", 1)[-1], t.path.split("/", 1)[-1]
-        if tuple(s.shape) != tuple(t.shape) or s_name != t_name:
-            raise ValueError(
-                f"backbone mismatch at {t_name!r}: source {s_name!r} has shape {tuple(s.shape)}, target "
-                f"{tuple(t.shape)} (source {_describe(source)}; target {_describe(target)})"
-            )
-
-
-def _h5_datasets(group) -> dict[str, tuple[int, ...]]:
-    import h5py
-
-    out = {}
-    group.visititems(lambda k, v: out.__setitem__(k, tuple(v.shape)) if isinstance(v, h5py.Dataset) else None)
-    return out
-
-
-def _h5_backbone_group(f, path: str):
-    """The group of a ``.weights.h5`` file holding the backbone: the root (saved from a bare backbone) or the
-    ``layers/<key>`` group with the backbone's ``block_layers``/``head_layers`` (saved from a model holding it)."""
-    if "block_layers" in f and "head_layers" in f:
-        return f
-    candidates = [
-        g for g in (f["layers"].values() if "layers" in f else ()) if "block_layers" in g and "head_layers" in g
-    ]
-    if len(candidates) != 1:
-        raise ValueError(
-            f"{path}: expected exactly one VGGBackbone in the weights file, found {len(candidates)} "
-            f"(top-level groups: {sorted(f.keys())}; layers: {sorted(f['layers'].keys()) if 'layers' in f else []})"
-        )
-    return candidates[0]
-
-
-def _backbone_from_file(path: str, like: VGGBackbone) -> VGGBackbone:
-    """A new backbone configured like ``like`` holding the backbone weights stored at ``path``."""
-    import tempfile
-
-    import h5py
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(path)
-    if path.endswith(".keras"):
-        return find_backbone(keras.saving.load_model(path, compile=False))
-    if not path.endswith(".h5"):
-        raise ValueError(f"{path}: expected a '.keras' model or a '.weights.h5' weights file")
-    if not like.built:
-        raise ValueError("the target backbone is not built; call the model on an input (or build it) first")
-    skeleton = VGGBackbone.from_config(like.get_config())
-    skeleton.build((None, None, None, like.block_layers[0].gamma.shape[0]))
-    variables = skeleton.weights
-    # mark each variable with its index so the reference file tells which dataset holds which variable
-    skeleton.set_weights([np.full(v.shape, i, dtype=v.dtype) for i, v in enumerate(variables)])
-    with tempfile.TemporaryDirectory() as tmp:
-        ref_path = os.path.join(tmp, "reference.weights.h5")
-        skeleton.save_weights(ref_path)
-        with h5py.File(ref_path, "r") as ref:
-            expected = _h5_datasets(ref)
-            index = {k: int(np.asarray(ref[k]).flat[0]) for k in expected}
-        src_path = os.path.join(tmp, "source.weights.h5")
-        with h5py.File(path, "r") as f:
-            group = _h5_backbone_group(f, path)
-            found = _h5_datasets(group)
-            where = group.name.strip("/")
-            if found != expected:
-                missing = sorted(set(expected) - set(found))
-                extra = sorted(set(found) - set(expected))
-                bad = sorted((k for k in set(expected) & set(found) if expected[k] != found[k]), key=index.get)
-                detail = (
-                    f"{variables[index[bad[0]]].path.split('/', 1)[-1]!r} "
-                    f"(stored as {where + '/' if where else ''}{bad[0]}) has shape {found[bad[0]]}, "
-                    f"target expects {expected[bad[0]]}"
-                    if bad
-                    else f"missing weights {missing[:3]}, unexpected weights {extra[:3]}"
-                )
-                raise ValueError(
-                    f"backbone mismatch between {path} and the target ({_describe(like)}): {detail}"
-                    f"{f' ({len(bad)} mismatching shapes in all)' if len(bad) > 1 else ''}"
-                )
-            with h5py.File(src_path, "w") as out:
-                for key in group:
-                    group.copy(group[key], out, name=key)
-        skeleton.load_weights(src_path)
-    return skeleton
-
-
-def load_backbone_weights(classifier, patch_model_or_path) -> VGGBackbone:
-    """Copy the Backbone weights (kernels, biases, BatchNorm statistics) into ``classifier``'s Backbone.
-
-    ``patch_model_or_path``: a model containing a :class:`VGGBackbone` (e.g. a trained :func:`patch_classifier`,
-    a bare backbone or another :func:`vgg_classifier`), a saved ``.keras`` model, or a ``.weights.h5`` file
-    written by ``save_weights`` of such a model. The Backbone architectures must match exactly; otherwise a
-    ``ValueError`` names the first mismatching weight and both configurations. Returns the updated Backbone.
-    """
-    target = find_backbone(classifier)
-    if isinstance(patch_model_or_path, (str, os.PathLike)):
-        source = _backbone_from_file(os.fspath(patch_model_or_path), like=target)
-    else:
-        source = find_backbone(patch_model_or_path)
-    _check_compatible(source, target)
-    target.set_weights(source.get_weights())
-    return target

@@ -10,8 +10,8 @@ Geometry, in order; lesion boxes ``(x_min, y_min, x_max, y_max)`` in continuous 
 4. crop/pad to ``(height, width)``: the chest wall stays at column 0, the nipple side is padded (or
    cropped, which is reported as ``truncated``); vertically the breast is centred (spacing mode only).
 
-The stored image is 16 bits: 0 outside the mask, ``1 + round(v * 65534)`` inside, where ``v`` is the
-pixel renormalised to [0, 1] over the mask. The model input (mask pixels in [0, 1], outside pixels a
+The stored image is 16 bits (:mod:`mammodg.preprocess.stored`): 0 outside the mask, inside the pixel
+renormalised to [0, 1] over the mask. The model input (mask pixels in [0, 1], outside pixels a
 constant giving every image the same mean) is computed from it when records are decoded
 (``mammodg.records.schema.model_input``), so records stay integer and exact.
 """
@@ -24,8 +24,7 @@ from PIL import Image
 from scipy import ndimage
 
 from mammodg.io.dicom import DicomRejected
-
-STORED_MAX = 65535  # value of v = 1 inside the mask; 0 means "outside the mask"
+from mammodg.preprocess.stored import STORED_MAX, from_stored, to_stored  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -39,17 +38,6 @@ class Preprocessed:
     mask_fallback: bool  # thresholding failed; the mask is everything above the background level
     truncated: bool  # part of the breast was cropped away
     breast_fraction: float  # share of the output image inside the mask
-
-
-def to_stored(v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """[0, 1] values + mask -> the stored uint16 encoding (0 outside, 1 + round(v * 65534) inside)."""
-    return np.where(mask, 1 + np.round(np.clip(v, 0, 1) * (STORED_MAX - 1)), 0).astype(np.uint16)
-
-
-def from_stored(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The stored encoding -> (v float32 in [0, 1], 0 outside; mask bool)."""
-    mask = stored > 0
-    return np.where(mask, (stored.astype(np.float32) - 1) / (STORED_MAX - 1), 0).astype(np.float32), mask
 
 
 def resize_stored(stored: np.ndarray, rows: int, cols: int) -> np.ndarray:

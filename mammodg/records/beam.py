@@ -1,6 +1,6 @@
 """``mammodg build-tfrecords --runner beam``: the per-image step of the builder on Apache Beam.
 
-Beam runs :func:`~mammodg.records.writer.process_row` on every row not yet cached, and each worker
+Beam runs :func:`~mammodg.records.rows.process_row` on every row not yet cached, and each worker
 writes the row's cache entry into ``<out>/_cache``; the launching process then assembles the shards,
 ``dataset.json``, ``rejects.csv`` and ``provenance.csv`` exactly as the local build does, so both give
 the same records. Embedded by default (FnApiRunner, one process per worker, nothing downloaded); Flink,
@@ -14,7 +14,8 @@ import io
 import pickle
 import sys
 
-from mammodg.records.writer import BuildError, Task, _done, process_row
+from mammodg.records.rows import RowTask, is_done, process_row
+from mammodg.records.shards import BuildError
 
 # Embedded: the portable FnApiRunner with one process per worker. Beam's default (DirectRunner)
 # first tries to download a runner binary, which fails without internet.
@@ -66,7 +67,7 @@ def _check_options(flags: list[str]):
     return options, runner
 
 
-def _load_chunk(path: str) -> list[Task]:
+def _load_chunk(path: str) -> list[RowTask]:
     with open(path, "rb") as f:
         return pickle.load(f)
 
@@ -78,7 +79,7 @@ def _is_local(runner: str) -> bool:
     return any(name.lower() in (r.lower(), r.lower().removesuffix("runner")) for r in StandardOptions.LOCAL_RUNNERS)
 
 
-def run_on_beam(tasks: list[Task], workers: int, progress: bool, pairs: list[str]) -> None:
+def run_on_beam(tasks: list[RowTask], workers: int, progress: bool, pairs: list[str]) -> None:
     """Run :func:`process_row` on ``tasks`` in one Beam pipeline; every task is cached when it returns.
 
     A failed pipeline raises BuildError; the rows it finished stay cached, so a re-run resumes.
@@ -116,7 +117,7 @@ def run_on_beam(tasks: list[Task], workers: int, progress: bool, pairs: list[str
     finally:
         for c in chunks:
             c.unlink(missing_ok=True)
-    missing = [t.row.line for t in tasks if not _done(t)]
+    missing = [t.row.line for t in tasks if not is_done(t)]
     if missing:
         raise BuildError(f"the Beam pipeline ({runner}) ended with {len(missing)} row(s) unprocessed (first: manifest line "
                          f"{missing[0]}); is --out on storage every worker writes to? Re-run the same command to resume")

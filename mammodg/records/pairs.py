@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import time
 from pathlib import Path
 
@@ -52,12 +51,6 @@ def patient_group_id(patient):
     import tensorflow as tf
 
     return tf.strings.to_hash_bucket_fast(patient, GROUP_ID_BUCKETS)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    from mammodg.records.writer import encode_png16
-
-    return encode_png16(arr)
 
 
 def _unpng(data: bytes) -> np.ndarray:
@@ -101,7 +94,7 @@ class _Breast:
 
 def _encode_breast(b: _Breast, transfer, seen: list[str], size) -> tuple[bytes, dict]:
     from mammodg.preprocess.breast import from_stored, resize_stored, to_stored
-    from mammodg.records.schema import encode_example
+    from mammodg.records.schema import encode_example, encode_png16
 
     segment = b.meta["data_segment"]
     styles = [segment] + ([s for s in seen if s != segment] if transfer is not None and segment in seen else [])
@@ -117,7 +110,7 @@ def _encode_breast(b: _Breast, transfer, seen: list[str], size) -> tuple[bytes, 
             t_transfer += time.perf_counter() - t
             n_transfer += len(styles) - 1
         rendered = [resize_stored(r, *size) for r in rendered] if size else rendered
-        images += [_png(r) for r in rendered]
+        images += [encode_png16(r) for r in rendered]
     h, w = rendered[0].shape
     m = b.meta
     rec = encode_example({
@@ -141,8 +134,9 @@ def build_pairs(data_dir, out, *, transfer=None, size: tuple[int, int] | None = 
     """
     from tqdm import tqdm
 
-    from mammodg.records.reader import load_index, streams
-    from mammodg.records.writer import INDEX_NAME, _atomic_write, write_shards
+    from mammodg.io.atomic import atomic_write_json
+    from mammodg.records.reader import INDEX_FORMAT, INDEX_NAME, load_index, streams
+    from mammodg.records.shards import write_shards
 
     index = load_index(data_dir)
     if index.get("kind") == "pairs":
@@ -187,7 +181,7 @@ def build_pairs(data_dir, out, *, transfer=None, size: tuple[int, int] | None = 
     cache.rmdir()
     h, w = size or index["image_shape"]
     pair_index = {
-        "format": "mammodg-tfrecords/1",
+        "format": INDEX_FORMAT,
         "kind": "pairs",
         "source_data": str(Path(data_dir).resolve()),
         "cyclegan_run": str(getattr(transfer, "run_dir", "")),
@@ -201,7 +195,7 @@ def build_pairs(data_dir, out, *, transfer=None, size: tuple[int, int] | None = 
         "segments": sorted({m["segment"] for m in metas}),
         "splits": splits,
     }
-    _atomic_write(out / INDEX_NAME, json.dumps(pair_index, indent=1).encode())
+    atomic_write_json(out / INDEX_NAME, pair_index)
     return pair_index
 
 

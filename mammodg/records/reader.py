@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mammodg.records.writer import INDEX_NAME
+INDEX_NAME = "dataset.json"  # the index of a built dataset, beside its shards
+INDEX_FORMAT = "mammodg-tfrecords/1"  # its "format" value; a reader refuses any other
 
 
 class DatasetError(ValueError):
@@ -19,7 +20,7 @@ def load_index(data_dir: str | Path) -> dict:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON ({e}); rebuild the dataset") from None
-    if index.get("format") != "mammodg-tfrecords/1":
+    if index.get("format") != INDEX_FORMAT:
         raise DatasetError(f"{path}: unknown format {index.get('format')!r}")
     return index
 

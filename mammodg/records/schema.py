@@ -9,7 +9,7 @@ import struct
 
 # name -> (kind, is_list). kind: "bytes" | "int" | "float". Scalars have a default when absent.
 FIELDS: dict[str, tuple[str, bool]] = {
-    "image": ("bytes", False),  # 16-bit greyscale PNG, see mammodg.preprocess.breast
+    "image": ("bytes", False),  # 16-bit greyscale PNG (encode_png16) of the mammodg.preprocess.stored encoding
     "height": ("int", False),
     "width": ("int", False),
     "label": ("int", False),  # 0 benign / 1 malignant
@@ -87,6 +87,18 @@ def encode_example(features: dict, fields: dict = FIELDS) -> bytes:
     return _ld(1, body)
 
 
+def encode_png16(image, compress_level: int = 1) -> bytes:
+    """A stored uint16 image as the 16-bit greyscale PNG of the ``image`` field."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint16)).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
 # --- TensorFlow side ---
 
 def feature_spec(fields: dict = FIELDS):
@@ -125,22 +137,26 @@ def outside_constant(stored, target_mean: float):
     """The model-input value outside the breast: the constant that makes the image mean ``target_mean``."""
     import tensorflow as tf
 
+    from mammodg.preprocess.stored import unit_values_tf
+
     x = tf.cast(stored, tf.float32)
-    inside = x > 0
     n = tf.cast(tf.size(x), tf.float32)
-    n_in = tf.reduce_sum(tf.cast(inside, tf.float32))
-    s_in = tf.reduce_sum(tf.where(inside, (x - 1.0) / 65534.0, 0.0))
+    n_in = tf.reduce_sum(tf.cast(x > 0, tf.float32))
+    s_in = tf.reduce_sum(unit_values_tf(x, 0.0))
     return tf.math.divide_no_nan(target_mean * n - s_in, n - n_in)
 
 
 def model_input(stored, target_mean: float, fill=None):
     """Stored uint16 image -> float32 model input (paper section 3.1.1).
 
-    Inside the breast mask (stored > 0) pixels are ``(stored - 1) / 65534`` in [0, 1]; outside they take
-    the constant that makes the image mean equal ``target_mean`` (:func:`outside_constant`), or ``fill``.
+    Inside the breast mask (stored > 0) pixels are their value ``v`` in [0, 1] (:mod:`mammodg.preprocess.stored`);
+    outside they take the constant that makes the image mean equal ``target_mean`` (:func:`outside_constant`),
+    or ``fill``.
     """
     import tensorflow as tf
 
+    from mammodg.preprocess.stored import unit_values_tf
+
     x = tf.cast(stored, tf.float32)
     fill = outside_constant(x, target_mean) if fill is None else fill
-    return tf.where(x > 0, (x - 1.0) / 65534.0, fill)
+    return unit_values_tf(x, fill)

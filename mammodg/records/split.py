@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import stat
 import sys
 from pathlib import Path
 
 from mammodg.config import ConfigError
+from mammodg.io.atomic import create_private
 
 MIN_SALT_CHARS = 16  # shorter salts make pseudonyms a dictionary attack away from the ids
 SALT_NAME = ".pseudonym_salt"
@@ -36,13 +36,6 @@ def check_salt(salt: str, where: str) -> str:
         raise ConfigError(f"{where}: the pseudonym salt has {len(salt)} characters; at least {MIN_SALT_CHARS} are "
                           f"required (a short salt makes the pseudonyms reversible by dictionary)")
     return salt
-
-
-def create_private(path: Path, data: bytes) -> None:
-    """Write a new file readable by its owner only: mode 0600 from creation, never widened."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def warn_if_exposed(path: Path) -> None:

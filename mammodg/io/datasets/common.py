@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
 
+from mammodg.io.atomic import atomic_path
 from mammodg.io.manifest import BIRADS, DENSITIES, OPTIONAL, REQUIRED, VIEWS, parse_boxes
 
 
@@ -248,10 +249,8 @@ def write_manifest(rows: list[dict], out: Path, extra_columns: tuple[str, ...] =
     out.parent.mkdir(parents=True, exist_ok=True)
     base = os.path.abspath(out.parent)
     columns = list(REQUIRED + OPTIONAL) + list(extra_columns)
-    tmp = out.parent / f".{out.name}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         w.writeheader()
         for r in rows:
             w.writerow({**r, "image_path": os.path.relpath(os.path.abspath(r["image_path"]), base)})
-    os.replace(tmp, out)
