@@ -4,10 +4,10 @@ Every stream shuffles *serialized* records in a small buffer and repeats forever
 sequence says which stream gives the next sample, and decoding happens after the choice, so memory
 does not grow with the number of segments times the image size (the shuffle budget is shared among
 streams). A (data segment, label) stream reads its own shards one after another (file order
-reshuffled each pass). A pooled stream (``balanced_labels``, ``natural``) reads every shard of its
-pool at once, as a random merge (:func:`_pooled`), so that its batches mix segments in proportion to
-their sizes whatever the shard size and shuffle budget (reading the pool's shards one after another
-gave batches mostly from one segment once a segment outgrew the buffer).
+reshuffled each pass). A pooled stream (``balanced_labels``, ``natural``) reads all its (segment,
+label) streams at once, as a random merge (:func:`_pooled`), so that its batches mix segments in
+proportion to their sizes whatever the shard size and shuffle budget (reading the pool's shards one
+after another gave batches mostly from one segment once a segment outgrew the buffer).
 
 Strategies (``strategy`` in the stage config):
 
@@ -33,7 +33,6 @@ from mammodg.records.reader import DatasetError, load_index, streams
 from mammodg.sampling.pattern import sampling_pattern
 
 STRATEGIES = ("periodic", "balanced_segments", "balanced_labels", "natural")
-_READ_BUFFER = 1 << 16  # bytes of read buffer per open shard of a pooled stream (all its shards are open)
 
 
 @dataclasses.dataclass
@@ -44,7 +43,7 @@ class Plan:
     files: list[list[str]]
     counts: list[int]
     choices: np.ndarray  # int32 indices into ``keys``, one period
-    shard_counts: list[list[int]] | None = None  # records per file, for pooled streams (read merged)
+    members: list[list[tuple[list[str], int]]] | None = None  # pooled keys: (shards, records) per member stream
 
     def proportions(self) -> dict:
         """Share of each stream key over one period (what the run trains on)."""
@@ -94,11 +93,9 @@ def make_plan(index: dict, data_dir: str | Path, split: str, strategy: str, seed
     else:
         keys = [("*", "*")]
         choices = np.zeros(1, np.int32)
-    pools = [sorted(k for k in by_key if key[1] in ("*", k[1])) for key in keys]
-    shards = {k: index["splits"][split][k[0]][str(k[1])]["shards"] for k in by_key}
-    return Plan(keys, [[p for k in pool for p in by_key[k][0]] for pool in pools],
-                [sum(by_key[k][1] for k in pool) for pool in pools], choices,
-                shard_counts=[[s["count"] for k in pool for s in shards[k]] for pool in pools])
+    members = [[by_key[k] for k in sorted(by_key) if key[1] in ("*", k[1])] for key in keys]
+    return Plan(keys, [[p for files, _ in pool for p in files] for pool in members],
+                [sum(c for _, c in pool) for pool in members], choices, members=members)
 
 
 def _stream(files: list[str], count: int, buffer: int, seed: int):
@@ -112,23 +109,27 @@ def _stream(files: list[str], count: int, buffer: int, seed: int):
     return ds.repeat()
 
 
-def _pooled(files: list[str], shard_counts: list[int], buffer: int, seed: int):
-    """A pool's records, every pass a uniformly random merge of all its shards, then a shuffle buffer.
+def _pooled(members: list[tuple[list[str], int]], buffer: int, seed: int):
+    """A pool's records: every pass a uniformly random merge of its member (segment, label) streams.
 
-    Each pass draws the next record from a shard with probability proportional to the shard's unread
-    records (a random permutation of the shard ids, each repeated by its record count), so every stretch
-    of the pass mixes segments in proportion to their sizes, with no bias from uneven or partial shards.
-    The buffer only breaks up the writer's order inside a shard. All shards are open at once, each with a
-    small read buffer (_READ_BUFFER bytes). Passes are seeded by (seed, pass): deterministic, each new.
+    Each pass takes the next record from a member with probability proportional to the member's unread
+    records (a random permutation of the member ids, each repeated by its record count), so every
+    stretch of the pass mixes segments in proportion to their sizes, whatever the shard sizes. Each member
+    reads its shards one after another in a new order; the shuffle buffer of serialized records then
+    breaks up the writer's order inside a shard. Passes are seeded by (seed, pass): deterministic, each
+    one new, and each sees every record once.
     """
     import tensorflow as tf
 
-    owner = tf.constant(np.repeat(np.arange(len(files), dtype=np.int64), shard_counts))
-    buffer = max(1, min(int(sum(shard_counts)), buffer))
+    owner = tf.constant(np.repeat(np.arange(len(members), dtype=np.int64), [c for _, c in members]))
+    buffer = max(1, min(sum(c for _, c in members), buffer))
 
     def one_pass(p):
-        order = tf.random.experimental.stateless_shuffle(owner, seed=tf.stack([tf.constant(seed, tf.int64), p]))
-        readers = [tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER) for f in files]
+        def shuffled(values, salt):
+            return tf.random.experimental.stateless_shuffle(values, seed=tf.stack([tf.constant(seed + salt, tf.int64), p]))
+
+        order = shuffled(owner, 0)
+        readers = [tf.data.TFRecordDataset(shuffled(tf.constant(f), i + 1)) for i, (f, _) in enumerate(members)]
         merged = tf.data.Dataset.choose_from_datasets(readers, tf.data.Dataset.from_tensor_slices(order))
         return merged.shuffle(buffer, seed=seed * 1_000_003 + p)
 
@@ -145,8 +146,8 @@ def serialized_stream(plan: Plan, *, seed: int = 0, start: int = 0, shuffle_budg
 
     per_stream = max(2, shuffle_budget // len(plan.keys))
     seeds = [seed * 1000 + 17 * i + start for i in range(len(plan.keys))]
-    if plan.shard_counts is not None:
-        inputs = [_pooled(f, sc, per_stream, s) for f, sc, s in zip(plan.files, plan.shard_counts, seeds)]
+    if plan.members is not None:
+        inputs = [_pooled(m, per_stream, s) for m, s in zip(plan.members, seeds)]
     else:
         inputs = [_stream(f, c, per_stream, s) for f, c, s in zip(plan.files, plan.counts, seeds)]
     if len(inputs) == 1:
