@@ -84,6 +84,14 @@ class _Taken:
         if miss.size == 0:
             return q
         w = w[miss] + 1
+        if w.max() < len(self.words):  # most often the next word has a free slot
+            y = ~self.words[w]
+            q[miss] = (w << 6) + _trailing_zeros(y)
+            keep = y == 0
+            miss, w = miss[keep], w[keep]
+            if miss.size == 0:
+                return q
+            w += 1
         for _ in range(2):
             at = np.searchsorted(self.open, w)
             for _ in range(4):
