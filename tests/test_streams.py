@@ -122,9 +122,9 @@ def pool_dir(tmp_path_factory):
                 (out / path).parent.mkdir(parents=True, exist_ok=True)
                 with tf.io.TFRecordWriter(str(out / path)) as w:
                     for _ in range(min(64, count - lo)):
-                        feats = {"segment": si, "label": label, "id": rid}
-                        w.write(tf.train.Example(features=tf.train.Features(feature={
-                            k_: tf.train.Feature(int64_list=tf.train.Int64List(value=[v])) for k_, v in feats.items()})).SerializeToString())
+                        feats = {f: tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+                                 for f, v in (("segment", si), ("label", label), ("id", rid))}
+                        w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
                         rid += 1
                 shards.append({"path": path, "count": min(64, count - lo)})
             splits.setdefault(seg, {})[str(label)] = {"count": count, "patients": count, "shards": shards}
@@ -141,13 +141,13 @@ def _segments_labels(ds, n_batches, batch=32):
 
 
 def _composition_test(seg, lab, strata):
-    """Chi-square of per-batch segment counts against random draws from each stratum's pool.
+    """Chi-square of per-batch segment counts against i.i.d. draws from each stratum's pool.
 
-    ``strata`` maps a label (None: the whole batch) to its pool's records per segment. Draws are
-    i.i.d. within a batch up to the finite-pool factor (N - n) / (N - 1) of drawing without replacement
-    inside a pass (multivariate hypergeometric; 0.97 for 32 of 1,008), which the statistic is divided
-    by. Returns the two-sided p-value (blocked batches are overdispersed, batches too regular, as from a
-    round-robin over equal shards, underdispersed) and the fraction of batches > 70% one segment."""
+    ``strata`` maps a label (None: the whole batch) to its pool's records per segment. A pass draws
+    without replacement, which shrinks the variance of a batch's counts by (N - n) / (N - 1) (0.97 for
+    32 of 1,008); the statistic is divided by it. Returns the two-sided p-value (blocked batches are
+    overdispersed; batches too regular, as from a round-robin over equal shards, underdispersed) and
+    the fraction of batches more than 70% one segment."""
     from scipy import stats
 
     k = len(POOL)

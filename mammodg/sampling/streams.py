@@ -126,7 +126,8 @@ def _pooled(members: list[tuple[list[str], int]], buffer: int, seed: int):
 
     def one_pass(p):
         def shuffled(values, salt):
-            return tf.random.experimental.stateless_shuffle(values, seed=tf.stack([tf.constant(seed + salt, tf.int64), p]))
+            pass_seed = tf.stack([tf.constant(seed + salt, tf.int64), p])
+            return tf.random.experimental.stateless_shuffle(values, seed=pass_seed)
 
         order = shuffled(owner, 0)
         readers = [tf.data.TFRecordDataset(shuffled(tf.constant(f), i + 1)) for i, (f, _) in enumerate(members)]
