@@ -196,6 +196,14 @@ def test_pooled_passes_deterministic_and_resume(pool_dir):
     np.testing.assert_array_equal(again.ravel(), ids[:320])  # same seed, same order
     _, _, other = _segments_labels(serialized_stream(plan, seed=3, shuffle_budget=64), 10)
     assert (other.ravel() != ids[:320]).any()
+    tf.random.set_seed(0)  # a global seed, as the trainer sets (keras.utils.set_random_seed; 0 is a special case)
+    try:
+        seeded = [_segments_labels(serialized_stream(plan, seed=2, shuffle_budget=64), n // 32 + 1)[2].ravel()
+                  for _ in range(2)]
+    finally:
+        tf.random.set_seed(None)
+    np.testing.assert_array_equal(seeded[0], seeded[1])
+    assert sorted(seeded[0][:n]) == list(range(n))
 
     plan = make_plan(load_index(pool_dir), pool_dir, "train", "balanced_labels", seed=2)
     _, lab, _ = _segments_labels(serialized_stream(plan, seed=2), 2)

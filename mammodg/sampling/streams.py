@@ -116,8 +116,8 @@ def _pooled(members: list[tuple[list[str], int]], buffer: int, seed: int):
     records (a random permutation of the member ids, each repeated by its record count), so every
     stretch of the pass mixes segments in proportion to their sizes, whatever the shard sizes. Each member
     reads its shards one after another in a new order; the shuffle buffer of serialized records then
-    breaks up the writer's order inside a shard. Passes are seeded by (seed, pass): deterministic, each
-    one new, and each sees every record once.
+    breaks up the writer's order inside a shard. The merge and file orders are seeded by (seed, pass):
+    deterministic, new at each pass, and each pass sees every record once.
     """
     import tensorflow as tf
 
@@ -132,7 +132,7 @@ def _pooled(members: list[tuple[list[str], int]], buffer: int, seed: int):
         order = shuffled(owner, 0)
         readers = [tf.data.TFRecordDataset(shuffled(tf.constant(f), i + 1)) for i, (f, _) in enumerate(members)]
         merged = tf.data.Dataset.choose_from_datasets(readers, tf.data.Dataset.from_tensor_slices(order))
-        return merged.shuffle(buffer, seed=seed * 1_000_003 + p)
+        return merged.shuffle(buffer, seed=seed)  # a Python seed: tensor seeds fail once a global seed is set
 
     return tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(one_pass)
 
