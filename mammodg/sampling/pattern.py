@@ -8,13 +8,12 @@ next free slot, wrapping around to slot 0 past the end (the paper's ``p <- p + 1
 off the array when the last slots are taken).
 
 The direct slot-by-slot probe costs O(N_min x probe length); ``sampling_pattern`` gives the identical
-array with vectorised rank/select queries on a bitset of taken slots, O(N_min log N_min) overall.
+array with one vectorised pass per segment (a bitset of taken slots while the pattern is sparse, the
+sorted free slots once it is dense).
 """
 from __future__ import annotations
 
 import numpy as np
-
-_WORD = 64
 
 
 def _check(n_min) -> np.ndarray:
@@ -44,7 +43,7 @@ def sampling_pattern_reference(n_min) -> np.ndarray:
     """Algorithm 1 exactly as written, slot by slot (slow; the reference the tests compare with)."""
     n = _check(n_min)
     total = int(n.sum())
-    s = np.full(total, -1, np.int64)
+    s = np.full(total, -1, np.int32)
     for i in np.argsort(n, kind="stable"):
         for p in positions(int(n[i]), total):
             p = int(p)
@@ -54,76 +53,139 @@ def sampling_pattern_reference(n_min) -> np.ndarray:
     return s
 
 
-def _popcount(words: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(words).astype(np.int64)
+_ONE = np.uint64(1)
+_FULL = ~np.uint64(0)
+# switch from the bitset to the sorted free slots once fewer than _DENSE x (next segment) slots are free:
+# from then on each segment costs O(free slots), and probes on the bitset would meet long taken runs
+_DENSE = 32
 
 
-def _select_zero_in_word(words: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Bit index of the k-th (0-based) zero bit of each 64-bit word, vectorised by halving."""
-    free = ~words
-    pos = np.zeros(len(words), np.uint64)
-    k = k.astype(np.uint8)
-    for width in (32, 16, 8, 4, 2, 1):
-        low = np.bitwise_count((free >> pos) & np.uint64((1 << width) - 1))
-        go_high = k >= low
-        k -= np.where(go_high, low, np.uint8(0))
-        pos += np.where(go_high, np.uint64(width), np.uint64(0))
-    return pos.astype(np.int64)
+def _trailing_zeros(y: np.ndarray) -> np.ndarray:
+    """Number of trailing zero bits of each uint64 (64 for 0)."""
+    return np.bitwise_count(~y & (y - _ONE))
+
+
+class _Taken:
+    """Bitset of taken slots, and a list of words that had a free slot when it was made (a superset of
+    the open words, refreshed when it has gone stale)."""
+
+    def __init__(self, total: int):
+        self.words = np.zeros(-(-total // 64), np.uint64)
+        if total % 64:  # slots past the end count as taken, so they are never chosen
+            self.words[-1] = ~np.uint64((1 << (total % 64)) - 1)
+        self.open = np.flatnonzero(self.words != _FULL)
+
+    def next_free(self, x: np.ndarray) -> np.ndarray | None:
+        """First free slot at or after each slot ``x``; None when one would wrap past the end."""
+        w = x >> 6
+        free_from_x = ~self.words[w] >> (x & 63).view(np.uint64)
+        q = x + _trailing_zeros(free_from_x)
+        miss = np.flatnonzero(free_from_x == 0)  # the rest of the word is taken: look in later words
+        if miss.size == 0:
+            return q
+        w = w[miss] + 1
+        if w.max() < len(self.words):  # most often the next word has a free slot
+            y = ~self.words[w]
+            q[miss] = (w << 6) + _trailing_zeros(y)
+            keep = y == 0
+            miss, w = miss[keep], w[keep]
+            if miss.size == 0:
+                return q
+            w += 1
+        for _ in range(2):
+            at = np.searchsorted(self.open, w)
+            for _ in range(4):
+                if at.max() >= self.open.size:
+                    break
+                cand = self.open[at]
+                full = self.words[cand] == _FULL
+                if not full.any():
+                    q[miss] = (cand << 6) + _trailing_zeros(~self.words[cand])
+                    return q
+                at += full
+            self.open = np.flatnonzero(self.words != _FULL)
+        return None
+
+    def take(self, slots: np.ndarray) -> None:
+        w = slots >> 6
+        bits = _ONE << (slots & 63).view(np.uint64)
+        if (w[1:] > w[:-1]).all():  # at most one new slot per word: a plain scatter
+            self.words[w] |= bits
+        else:
+            np.bitwise_or.at(self.words, w, bits)
+
+
+def _probe(taken: _Taken, d: np.ndarray, rounds: int = 16) -> np.ndarray | None:
+    """Algorithm 1's probe for one segment on a sparse pattern: p_j = next_free(max(d_j, p_(j-1) + 1)).
+
+    Starts from p_j = next_free(d_j) and moves every p_j that does not exceed p_(j-1) on, until the
+    slots increase (each round only raises slots that are at most the exact ones, so the fixed point is
+    the sequential probe). None when a probe wraps past the end or a pile-up needs more rounds.
+    """
+    q = taken.next_free(d)
+    for _ in range(rounds):
+        if q is None:
+            return None
+        bad = np.flatnonzero(q[1:] <= q[:-1]) + 1
+        if bad.size == 0:
+            return q
+        moved = taken.next_free(q[bad - 1] + 1)
+        if moved is None:
+            return None
+        q[bad] = moved
+    return None
+
+
+def _ranked(free: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Ranks in ``free`` (sorted free slots) that one segment's samples take.
+
+    The j-th sample, wanting slot ``d[j]``, gets the free slot of rank ``k_j = j + cummax(r - j)_j``
+    where ``r_j`` is the number of free slots before ``d[j]``: the sequential probe, including the
+    pile-up of the segment's own samples. Samples pushed past the end take the lowest ranks left (the
+    wrap-around).
+    """
+    r = np.searchsorted(free, d)
+    j = np.arange(len(d), dtype=np.int64)
+    k = j + np.maximum.accumulate(r - j)
+    over = k >= len(free)
+    if over.any():
+        inside = k[~over]
+        n_over = int(over.sum())
+        cand = np.arange(n_over + inside.size, dtype=np.int64)
+        k = np.concatenate([inside, np.setdiff1d(cand, inside, assume_unique=True)[:n_over]])
+    return k
 
 
 def sampling_pattern(n_min) -> np.ndarray:
     """Sampling pattern S of length N_min = sum(n_min): segment i appears n_min[i] times, evenly spaced.
 
-    Identical to :func:`sampling_pattern_reference`. Each segment's slots are found in the free-slot
-    rank space: the j-th sample, wanting slot ``pos[j]``, gets the free slot of rank
-    ``k_j = j + cummax(r - arange)_j`` where ``r_j`` is the number of free slots before ``pos[j]``; this
-    is the sequential probe, including the pile-up of one segment's own samples. Samples pushed past
-    the end take the lowest free ranks left (the wrap-around). Rank and select queries use a bitset of
-    taken slots with per-word counts.
+    Identical to :func:`sampling_pattern_reference`. While the pattern is sparse, each segment probes a
+    bitset of taken slots (:func:`_probe`); once few slots are left, the sorted list of free slots is
+    kept and each segment takes ranks in it (:func:`_ranked`), which also resolves any probe that wraps.
     """
     n = _check(n_min)
     total = int(n.sum())
-    n_words = -(-total // _WORD)
-    words = np.zeros(n_words, np.uint64)
-    counts = np.zeros(n_words, np.int64)  # taken slots per word
-    if total % _WORD:  # slots past the end are marked taken so they are never selected
-        words[-1] = ~np.uint64((1 << (total % _WORD)) - 1)
-        counts[-1] = _WORD - total % _WORD
-    slots_through_word = np.arange(1, n_words + 1, dtype=np.int64) * _WORD  # int64: N_min may exceed 2**31
-    out = np.empty(total, np.int64)
-    taken_total = 0
+    out = np.full(total, -1, np.int32)
+    taken = _Taken(total)
+    free = None  # sorted free slots, once the pattern is dense
+    left = total
     for i in np.argsort(n, kind="stable"):
         m = int(n[i])
         d = positions(m, total)
-        taken_through = np.cumsum(counts)
-        w = d // _WORD
-        bit = (d % _WORD).astype(np.uint64)
-        below = words[w] & ((np.uint64(1) << bit) - np.uint64(1))
-        r = d - (taken_through[w] - counts[w] + _popcount(below))  # free slots before each wanted slot
-        j = np.arange(m, dtype=np.int64)
-        k = j + np.maximum.accumulate(r - j)
-        over = k >= total - taken_total
-        if over.any():
-            inside = k[~over]
-            n_over = int(over.sum())
-            cand = np.arange(n_over + inside.size, dtype=np.int64)
-            k = np.concatenate([inside, np.setdiff1d(cand, inside, assume_unique=True)[:n_over]])
-        # select the k-th free slot; when nothing pushed a sample (k == r) and its wanted slot is free,
-        # that slot is the answer (most samples while the pattern is sparse)
-        direct = np.zeros(m, bool)
-        direct[: len(r)] = (k[: len(r)] == r) & (((words[w] >> bit) & np.uint64(1)) == 0)
-        slot = np.where(direct, d, 0)
-        if not direct.all():
-            kk = k[~direct]
-            free_through = slots_through_word - taken_through
-            word = np.searchsorted(free_through, kk, side="right")
-            free_before = free_through[word] - (_WORD - counts[word])
-            slot[~direct] = word * _WORD + _select_zero_in_word(words[word], kk - free_before)
-        word = slot // _WORD
+        if free is None and left <= _DENSE * m:
+            free = np.flatnonzero(out < 0)
+        if free is None:
+            slot = _probe(taken, d)
+            if slot is None:
+                free_now = np.flatnonzero(out < 0)
+                slot = free_now[_ranked(free_now, d)]
+            taken.take(slot)
+        else:
+            k = _ranked(free, d)
+            slot = free[k]
+            free = np.delete(free, k)
         out[slot] = i
-        np.bitwise_or.at(words, word, np.uint64(1) << (slot % _WORD).astype(np.uint64))
-        np.add.at(counts, word, 1)
-        taken_total += m
+        left -= m
     return out
 
 

@@ -1,9 +1,13 @@
 """Batches in tf.data by sampling strategy (periodic-sampling paper, Algorithm 2, and its baselines).
 
-Every (data segment, label) stream reads its own shards (file order reshuffled each pass), shuffles
-*serialized* records in a small buffer, and repeats forever. A precomputed choice sequence says which
-stream gives the next sample; decoding happens after the choice, so memory does not grow with the
-number of segments times the image size (the shuffle budget is shared among streams).
+Every stream shuffles *serialized* records in a small buffer and repeats forever; a precomputed choice
+sequence says which stream gives the next sample, and decoding happens after the choice, so memory
+does not grow with the number of segments times the image size (the shuffle budget is shared among
+streams). A (data segment, label) stream reads its own shards one after another (file order
+reshuffled each pass). A pooled stream (``balanced_labels``, ``natural``) reads all its (segment,
+label) streams at once, as a random merge (:func:`_pooled`), so that its batches mix segments in
+proportion to their sizes whatever the shard size and shuffle budget (reading the pool's shards one
+after another gave batches mostly from one segment once a segment outgrew the buffer).
 
 Strategies (``strategy`` in the stage config):
 
@@ -39,6 +43,7 @@ class Plan:
     files: list[list[str]]
     counts: list[int]
     choices: np.ndarray  # int32 indices into ``keys``, one period
+    members: list[list[tuple[list[str], int]]] | None = None  # pooled keys: (shards, records) per member stream
 
     def proportions(self) -> dict:
         """Share of each stream key over one period (what the run trains on)."""
@@ -77,23 +82,20 @@ def make_plan(index: dict, data_dir: str | Path, split: str, strategy: str, seed
         seg_seq = np.tile(pattern, 2)
         labels = _alternating(seg_seq, len(segments), seed)
         choices = (seg_seq * 2 + labels).astype(np.int32)
-        files = [by_key[k][0] for k in keys]
-        counts = [by_key[k][1] for k in keys]
-    elif strategy == "balanced_labels":
+        return Plan(keys, [by_key[k][0] for k in keys], [by_key[k][1] for k in keys], choices)
+    if strategy == "balanced_labels":
         keys = [("*", 0), ("*", 1)]
         for lab in (0, 1):
             if not any(k[1] == lab for k in by_key):
                 raise DatasetError(f"balanced_labels sampling: split {split!r} has no image with label {lab}")
-        files = [[p for k, (ps, _) in sorted(by_key.items()) if k[1] == lab for p in ps] for lab in (0, 1)]
-        counts = [sum(c for k, (_, c) in by_key.items() if k[1] == lab) for lab in (0, 1)]
         start = int(np.random.default_rng(seed).integers(0, 2))
         choices = np.array([start, 1 - start], np.int32)
     else:
         keys = [("*", "*")]
-        files = [[p for _, (ps, _) in sorted(by_key.items()) for p in ps]]
-        counts = [sum(c for _, c in by_key.values())]
         choices = np.zeros(1, np.int32)
-    return Plan(keys, files, counts, choices)
+    members = [[by_key[k] for k in sorted(by_key) if key[1] in ("*", k[1])] for key in keys]
+    return Plan(keys, [[p for files, _ in pool for p in files] for pool in members],
+                [sum(c for _, c in pool) for pool in members], choices, members=members)
 
 
 def _stream(files: list[str], count: int, buffer: int, seed: int):
@@ -107,12 +109,48 @@ def _stream(files: list[str], count: int, buffer: int, seed: int):
     return ds.repeat()
 
 
+def _pooled(members: list[tuple[list[str], int]], buffer: int, seed: int):
+    """A pool's records: every pass a uniformly random merge of its member (segment, label) streams.
+
+    Each pass takes the next record from a member with probability proportional to the member's unread
+    records (a random permutation of the member ids, each repeated by its record count), so every
+    stretch of the pass mixes segments in proportion to their sizes, whatever the shard sizes. Each member
+    reads its shards one after another in a new order; the shuffle buffer of serialized records then
+    breaks up the writer's order inside a shard. The merge and file orders are seeded by (seed, pass):
+    deterministic, new at each pass, and each pass sees every record once.
+    """
+    import tensorflow as tf
+
+    owner = tf.constant(np.repeat(np.arange(len(members), dtype=np.int64), [c for _, c in members]))
+    buffer = max(1, min(sum(c for _, c in members), buffer))
+
+    def one_pass(p):
+        def shuffled(values, salt):
+            pass_seed = tf.stack([tf.constant(seed + salt, tf.int64), p])
+            return tf.random.experimental.stateless_shuffle(values, seed=pass_seed)
+
+        order = shuffled(owner, 0)
+        readers = [tf.data.TFRecordDataset(shuffled(tf.constant(f), i + 1)) for i, (f, _) in enumerate(members)]
+        merged = tf.data.Dataset.choose_from_datasets(readers, tf.data.Dataset.from_tensor_slices(order))
+        return merged.shuffle(buffer, seed=seed)  # a Python seed: tensor seeds fail once a global seed is set
+
+    return tf.data.Dataset.range(np.iinfo(np.int64).max).flat_map(one_pass)
+
+
 def serialized_stream(plan: Plan, *, seed: int = 0, start: int = 0, shuffle_budget: int = 512):
-    """Infinite dataset of serialized records in plan order, beginning at sample ``start``."""
+    """Infinite dataset of serialized records in plan order, beginning at sample ``start``.
+
+    ``start`` continues the choice sequence exactly (proportions, label alternation); the order inside
+    each stream is a new shuffle (its seed includes ``start``).
+    """
     import tensorflow as tf
 
     per_stream = max(2, shuffle_budget // len(plan.keys))
-    inputs = [_stream(f, c, per_stream, seed * 1000 + 17 * i + start) for i, (f, c) in enumerate(zip(plan.files, plan.counts))]
+    seeds = [seed * 1000 + 17 * i + start for i in range(len(plan.keys))]
+    if plan.members is not None:
+        inputs = [_pooled(m, per_stream, s) for m, s in zip(plan.members, seeds)]
+    else:
+        inputs = [_stream(f, c, per_stream, s) for f, c, s in zip(plan.files, plan.counts, seeds)]
     if len(inputs) == 1:
         return inputs[0]
     table = tf.constant(plan.choices, tf.int64)
