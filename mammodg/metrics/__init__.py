@@ -1,4 +1,5 @@
-"""Evaluation metrics (numpy only): WLL / image, ROC / AUC, operating points, bootstrap CIs and ΔAUC."""
+"""Evaluation metrics (numpy only): WLL / image, ROC / AUC, operating points, bootstrap CIs and ΔAUC,
+positive retrieval of contrastive pairs."""
 from mammodg.metrics.classification import (
     DEFAULT_THRESHOLDS,
     auc,
@@ -6,13 +7,16 @@ from mammodg.metrics.classification import (
     bootstrap_delta_auc,
     classification_report,
     downsample_curve,
+    none_if_nan,
     operating_points,
     roc,
     weighted_log_loss,
 )
+from mammodg.metrics.retrieval import positive_top1_hits
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "none_if_nan",
     "weighted_log_loss",
     "auc",
     "roc",
@@ -21,4 +25,5 @@ __all__ = [
     "bootstrap_delta_auc",
     "classification_report",
     "downsample_curve",
+    "positive_top1_hits",
 ]
