@@ -69,8 +69,6 @@ def prepare_contrastive(cfg) -> Path:
     missing, in order: the demo shards (when ``data_dir`` is the demo's), the CycleGAN run
     ``contrastive.cyclegan_run`` (trained with ``contrastive.cyclegan_config``) and the pair records
     (rebuilt when they lack the style transfers a multi-style method needs). Returns the pairs folder."""
-    import json
-
     from mammodg.augment import multi_style
     from mammodg.config import TrainConfig, load
     from mammodg.records.pairs import build_pairs, format_pairs_summary
@@ -78,12 +76,12 @@ def prepare_contrastive(cfg) -> Path:
     from mammodg.stages import contrastive, run
 
     contrastive.check(cfg)
+    try:
+        return contrastive.check_pairs(cfg)
+    except FileNotFoundError as e:
+        print(f"{e}\nthe embedded default makes its missing inputs now", flush=True)
     out, c = contrastive.pairs_dir(cfg), cfg.contrastive
     styles = multi_style(c.method) and c.cyclegan_run
-    if (out / INDEX_NAME).is_file():
-        if not (styles and not json.loads((out / INDEX_NAME).read_text())["seen_styles"]):
-            return out
-        print(f"{out} holds no style transfers but {c.method} needs them: rebuilding it", flush=True)
     if not (Path(cfg.data_dir) / INDEX_NAME).is_file():
         if Path(cfg.data_dir) != DEMO_DATA:
             raise FileNotFoundError(f"data_dir: {Path(cfg.data_dir) / INDEX_NAME} not found; build it with "

@@ -256,10 +256,11 @@ def test_patch_decoder_centres_lesions_and_healthy_breast(image_records):
         h, w = img.shape
         padded = np.pad(img, size // 2, constant_values=img[0, w - 1])
         boxes, names = r["boxes"].numpy(), [c.decode() for c in r["lesion_class"].numpy()]
-        if len(boxes):  # centred on one of the boxes; class 1 + its index in LESION_CLASSES
-            centres = [(int(np.clip(np.round((b[1] + b[3]) / 2), 0, h - 1)), int(np.clip(np.round((b[0] + b[2]) / 2), 0, w - 1)))
-                       for b in boxes]
-            match = [k for k, (cy, cx) in enumerate(centres) if np.array_equal(patch[..., 0], padded[cy:cy + size, cx:cx + size])]
+        if len(boxes):  # centred on one of the boxes (x_min, y_min, x_max, y_max); class 1 + its index in LESION_CLASSES
+            cy = np.clip(np.round((boxes[:, 1] + boxes[:, 3]) / 2), 0, h - 1).astype(int)
+            cx = np.clip(np.round((boxes[:, 0] + boxes[:, 2]) / 2), 0, w - 1).astype(int)
+            match = [k for k in range(len(boxes))
+                     if np.allclose(patch[..., 0], padded[cy[k]:cy[k] + size, cx[k]:cx[k] + size], atol=1e-6)]
             assert match and cls in {1 + LESION_CLASSES.index(names[k]) for k in match}
             lesions += 1
         else:  # a breast pixel in the patch centre

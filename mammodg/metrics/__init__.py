@@ -1,5 +1,6 @@
-"""Evaluation metrics (numpy only): WLL / image, ROC / AUC, operating points, bootstrap CIs and ΔAUC,
-positive retrieval of contrastive pairs."""
+"""Evaluation metrics (numpy only): WLL / image, ROC / AUC, operating points, bootstrap CIs and ΔAUC
+(:mod:`~mammodg.metrics.classification`), positive retrieval of contrastive pairs (:mod:`~mammodg.metrics.retrieval`)."""
+from mammodg.metrics import classification
 from mammodg.metrics.classification import (
     DEFAULT_THRESHOLDS,
     auc,
@@ -14,16 +15,4 @@ from mammodg.metrics.classification import (
 )
 from mammodg.metrics.retrieval import positive_top1_hits
 
-__all__ = [
-    "DEFAULT_THRESHOLDS",
-    "none_if_nan",
-    "weighted_log_loss",
-    "auc",
-    "roc",
-    "operating_points",
-    "bootstrap_auc",
-    "bootstrap_delta_auc",
-    "classification_report",
-    "downsample_curve",
-    "positive_top1_hits",
-]
+__all__ = [*classification.__all__, "positive_top1_hits"]

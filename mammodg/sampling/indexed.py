@@ -15,9 +15,9 @@ def indexed_batches(data_dir, decode, *, split: str, strategy: str, seed: int, b
     from mammodg.records.reader import load_index
     from mammodg.sampling.streams import make_plan, serialized_stream
 
-    plan = make_plan(load_index(data_dir), data_dir, split, strategy, seed)
+    sampler = make_plan(load_index(data_dir), data_dir, split, strategy, seed)
     start = start_step * batch_size
-    ds = serialized_stream(plan, seed=seed, start=start, shuffle_budget=shuffle_budget)
+    ds = serialized_stream(sampler, seed=seed, start=start, shuffle_budget=shuffle_budget)
     ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, np.iinfo(np.int64).max), ds)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
