@@ -62,7 +62,8 @@ def main():
     from mammodg.records.pairs import build_pairs
     from mammodg.records.reader import load_index
     from mammodg.records.writer import build
-    from mammodg.stages.contrastive import contrastive_batches, positive_pairs, views_per_sample
+    from mammodg.augment import positive_pairs, views_per_sample
+    from mammodg.stages.contrastive import contrastive_batches
 
     tmp = Path(tempfile.mkdtemp(prefix="mammodg-bench-"))
     cfg = load(TrainConfig, args.config, [f"data_dir={tmp / 'rec'}", f"contrastive.pairs_dir={tmp / 'pairs'}", "strategy=natural"])

@@ -120,6 +120,10 @@ def cmd_train(args) -> int:
     from mammodg.config import TrainConfig, load
 
     cfg = load(TrainConfig, args.config or _default_config(args.stage), args.set + [f"stage={args.stage}"])
+    if args.stage == "contrastive" and (args.config is None or cfg.contrastive.cyclegan_config):
+        from mammodg.demo import prepare_contrastive
+
+        prepare_contrastive(cfg)  # the embedded default makes its missing inputs first
     stages.run(args.stage, cfg)
     return 0
 

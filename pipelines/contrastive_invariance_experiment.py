@@ -55,6 +55,7 @@ def main() -> None:
 
     from mammodg import stages
     from mammodg.config import TrainConfig, load
+    from mammodg.demo import prepare_contrastive
     from mammodg.evaluate import evaluate_contrastive
 
     out = Path(args.out)
@@ -67,6 +68,7 @@ def main() -> None:
             "stage=contrastive", f"run_dir={out / method}", f"contrastive.method={method}", f"steps={args.steps}",
             f"val_every={args.steps // 2 if args.steps % 2 == 0 else args.steps}"])
         t = time.perf_counter()
+        prepare_contrastive(cfg)
         stages.run("contrastive", cfg)
         rows[method] = evaluate_contrastive(out / method, split=args.split, data_dir=args.data) | {"train_s": round(time.perf_counter() - t, 1)}
     first = json.loads(Path(rows[args.methods[0]]["json"]).read_text())

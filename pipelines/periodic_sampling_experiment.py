@@ -22,14 +22,14 @@ What it does, with the package only (nothing is re-implemented here):
    S1 and S2 are split patient-wise into train / val by the builder (``--val-fraction``, stratified by
    malignant patients within each source).
 2. **Records**: ``mammodg.records.writer.build`` (segments = source x manufacturer, small images).
-3. **Training**: ``mammodg.stages.vgg_stages.run``: the patch stage once (A.3), then the classifier stage
+3. **Training**: ``mammodg.stages.run``: the patch stage once (A.3), then the classifier stage
    from that backbone once per strategy (periodic, balanced_labels, balanced_segments, natural), same
    seed, same steps, same everything else. The checkpoint kept is the one with the best *global* val WLL
    (paper 3.1.2). Demo scale: 256x192 images and a 5-block backbone (``--filters``; minimum input 96 px)
    pre-trained on 96 px patches. With the paper's 6 blocks the patches must be >= 192 px, i.e. about the
    whole 256x192 image, and the patch stage barely learns (measured on these data: patch val accuracy
    0.37 after 600 steps vs 0.79 with 96 px patches after 1200; classifier in-segment val AUC ~0.6 vs ~0.85).
-4. **Evaluation**: ``vgg_stages.image_scores`` on the val split (each training segment and pooled) and on the
+4. **Evaluation**: ``stages.classifier.image_scores`` on the val split (each training segment and pooled) and on the
    held-out ``test`` split; ``mammodg.metrics.classification``: AUC with 95 % bootstrap CIs (2000 Efron
    resamples) and paired ``bootstrap_delta_auc`` of periodic vs each other strategy.
 
@@ -213,7 +213,7 @@ def sampling_shares(data_dir: Path, strategy: str, seed: int) -> dict:
 
 
 def scores_of(model, cfg, split: str):
-    from mammodg.stages.vgg_stages import image_scores
+    from mammodg.stages.classifier import image_scores
 
     p, y, segs = image_scores(model, cfg, split)
     return np.asarray(p, np.float64), np.asarray(y, np.int64), np.asarray(segs).astype(str)
@@ -438,14 +438,14 @@ def main(argv=None) -> int:
     import keras  # noqa: F401  (after the builder's worker pool)
 
     from mammodg.metrics.classification import bootstrap_delta_auc, classification_report
-    from mammodg.stages import vgg_stages
+    from mammodg import stages
 
     t0 = time.perf_counter()
     patch_dir = out / "runs" / "patch"
     _log(f"patch pre-training ({args.patch_steps} steps)")
     pcfg = train_config(args, data_dir, patch_dir, stage="patch", steps=args.patch_steps,
                         val_every=min(args.val_every, args.patch_steps), learning_rate=args.patch_lr)
-    vgg_stages.run(pcfg)
+    stages.run("patch", pcfg)
     lap("patch", t0)
 
     strat_results, raw = {}, {}
@@ -455,7 +455,7 @@ def main(argv=None) -> int:
         run_dir = out / "runs" / strategy
         cfg = train_config(args, data_dir, run_dir, stage="classifier", strategy=strategy, steps=args.steps,
                            val_every=args.val_every, learning_rate=args.lr, init_from=str(patch_dir))
-        model = vgg_stages.run(cfg)
+        model = stages.run("classifier", cfg)
         state = json.loads((run_dir / "state.json").read_text())
         res = {"best_step": state.get("best_step"), "best_val_wll": state.get("best")}
         for split in ("val", "test"):

@@ -14,18 +14,7 @@ from mammodg.preprocess.breast import from_stored, resize_stored, to_stored
 from mammodg.records.pairs import build_pairs, parse_pair
 from mammodg.records.reader import all_shards, load_index
 from mammodg.records.schema import model_input, parse
-from mammodg.stages.contrastive import (
-    METHODS,
-    augment,
-    breast_point,
-    choose,
-    crop_box,
-    crop_input,
-    evaluation_tiles,
-    pair_decoder,
-    positive_pairs,
-    views_per_sample,
-)
+from mammodg.augment import METHODS, pair_decoder, views_per_sample
 
 
 class GammaTransfer:
@@ -116,92 +105,45 @@ def test_pair_records_transfer_at_the_stored_scale_then_resize(tiny_records, tmp
     assert checked >= 4
 
 
-def _style_weights(d, side, n=3):
-    """Each style's share of one side of a draw (eq. 2)."""
-    w = np.zeros(n)
-    w[d[f"style{side}_a"]] += 1 - d[f"alpha{side}"]
-    w[d[f"style{side}_b"]] += d[f"alpha{side}"]
-    return w
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_choose_follows_each_methods_definition(method):
-    k = views_per_sample(method)
-    draws = [{key: v.numpy() for key, v in choose(tf.constant(2), tf.constant(3), method, tf.constant([7, i], tf.int64)).items()}
-             for i in range(200)]
-    assert all(f"view{k}" in d and f"view{k + 1}" not in d for d in draws)
-    # MSVCL (section III-B): both losses, a multi-style pair and a multi-view pair sharing the CC anchor
-    assert positive_pairs(method) == (((0, 1), (0, 2)) if method == "msvcl" else ((0, 1),))
-    for i, j in positive_pairs(method):
-        views = np.array([(d[f"view{i + 1}"], d[f"view{j + 1}"]) for d in draws])
-        multi_view = method == "mvcl" or (method == "msvcl" and j == 2)
-        if multi_view:  # CC with MLO of the same breast
-            assert (views == [0, 1]).all()
-        elif method == "msvcl":  # the anchor CC in another style
-            assert (views == 0).all()
-        else:  # the same image twice, any view
-            assert (views[:, 0] == views[:, 1]).all() and set(views[:, 0]) == {0, 1}
-        if method in ("mscl", "msvcl"):  # two different styles of the source: one pure, one blend
-            w1 = np.array([_style_weights(d, i + 1) for d in draws])
-            w2 = np.array([_style_weights(d, j + 1) for d in draws])
-            pure1, pure2 = w1.max(1) == 1, w2.max(1) == 1
-            assert (pure1 | pure2).all() and min((pure1 & ~pure2).mean(), (pure2 & ~pure1).mean()) > 0.15  # either side
-            pure, blend = np.where(pure1[:, None], w1, w2), np.where(pure1[:, None], w2, w1)
-            share = (pure * blend).sum(1)  # the pure side's style in the other side
-            assert share.max() <= 0.5 + 1e-6 and (share == 0).mean() > 0.4
-            assert 0.5 * np.abs(w1 - w2).sum(1).min() >= 0.5 - 1e-6  # total variation: never the same style
-            assert set(pure.argmax(1)) == {0, 1, 2} and set(blend.argmax(1)) == {0, 1, 2}
-            alphas = np.array([(d[f"alpha{i + 1}"], d[f"alpha{j + 1}"]) for d in draws])
-            assert set(np.round(alphas.ravel() * 10).astype(int)) == set(range(6))  # with a <-> b: all of eq. 2's blends
-        else:
-            assert all(d[f"style{s}_{x}"] == 0 and d[f"alpha{s}"] == 0 for d in draws for s in (i + 1, j + 1) for x in "ab")
-    if method == "msvcl":  # the two partners of the anchor are drawn independently
-        w2 = np.array([_style_weights(d, 2) for d in draws])
-        w3 = np.array([_style_weights(d, 3) for d in draws])
-        assert (np.abs(w2 - w3).sum(1) > 0).mean() > 0.3
-    one_view = choose(tf.constant(1), tf.constant(1), method, tf.constant([1, 2], tf.int64))
-    assert all(int(one_view[f"view{s}"]) == 0 for s in range(1, k + 1))
-
-
-def _cfg(**contrastive):
-    cfg = TrainConfig(stage="contrastive", batch_size=4)
-    for k, v in contrastive.items():
-        setattr(cfg.contrastive, k, v)
-    return cfg
+def _decoder(method="msvcl", *, crop_overlap=True, seed=0, **crop):
+    """:func:`pair_decoder` with the contrastive config's defaults for what ``crop`` does not set."""
+    c = TrainConfig().contrastive
+    crop = dict(dict(input_size=c.input_size, crop_scale=c.crop_scale, rotation_deg=c.rotation_deg, jitter=c.jitter,
+                     target_mean=TrainConfig().target_mean), **crop)
+    return pair_decoder(method, seed, crop_overlap=crop_overlap, **crop)
 
 
 def _recording(monkeypatch, name):
-    """Replace ``mammodg.stages.contrastive.<name>`` by a wrapper recording (args, result) of each call."""
-    import mammodg.stages.contrastive as stage
+    """Replace ``mammodg.augment.pairs.<name>`` by a wrapper recording (args, kwargs, result) of each call."""
+    import mammodg.augment.pairs as module
 
-    calls, real = [], getattr(stage, name)
+    calls, real = [], getattr(module, name)
 
     def wrapper(*args, **kwargs):
-        calls.append((args, real(*args, **kwargs)))
-        return calls[-1][1]
+        calls.append((args, kwargs, real(*args, **kwargs)))
+        return calls[-1][2]
 
-    monkeypatch.setattr(stage, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
     return calls
 
 
 def test_decoder_renders_the_chosen_styles_and_views(pairs, monkeypatch):
     """With augmentation off, each side is exactly model_input of the chosen blend (maybe mirrored)."""
     out, styles = pairs
-    cfg = _cfg(method="msvcl", rotation_deg=0.0, crop_scale=[1.0, 1.0], jitter=0.0, input_size=[64, 48])
     raws = list(tf.data.TFRecordDataset(sorted(all_shards(load_index(out), out, "train"))).take(6))
     chosen = _recording(monkeypatch, "choose")
-    decode = pair_decoder(cfg)
+    decode = _decoder("msvcl", rotation_deg=0.0, crop_scale=[1.0, 1.0], jitter=0.0, input_size=[64, 48])
     for i, raw in enumerate(raws):
         views, _ = decode(tf.constant(i, tf.int64), raw)
         assert sorted(views) == ["view1", "view2", "view3"]
         r = parse_pair(raw)
-        c = chosen[-1][1]
+        c = chosen[-1][2]
         n_styles = int(tf.size(r["styles"]))
         for side in ("1", "2", "3"):
             v = int(c[f"view{side}"])
             a, b, alpha = int(c[f"style{side}_a"]), int(c[f"style{side}_b"]), float(c[f"alpha{side}"])
             img = [tf.io.decode_png(r["images"][v * n_styles + k], dtype=tf.uint16).numpy().astype(np.float32) for k in (a, b)]
-            ref = model_input(img[0] * (1 - alpha) + img[1] * alpha, cfg.target_mean).numpy()
+            ref = model_input(img[0] * (1 - alpha) + img[1] * alpha, TrainConfig().target_mean).numpy()
             got = views[f"view{side}"].numpy()
             err = min(np.abs(got - ref).max(), np.abs(got - ref[:, ::-1]).max())
             assert err < 1e-4
@@ -216,18 +158,18 @@ def test_crops_of_one_view_share_a_breast_point(pairs, monkeypatch, method):
     chosen, crops = _recording(monkeypatch, "choose"), _recording(monkeypatch, "augment")
     shared = 0
     for overlap in (True, False):
-        decode = pair_decoder(_cfg(method=method, crop_overlap=overlap, input_size=[16, 12]))
+        decode = _decoder(method, crop_overlap=overlap, input_size=[16, 12])
         for i, raw in enumerate(raws):
             crops.clear()
             decode(tf.constant(i, tf.int64), raw)
-            c = chosen[-1][1]
+            c = chosen[-1][2]
             k = views_per_sample(method)
             assert len(crops) == k
-            points = [args[3] if len(args) > 3 else None for args, _ in crops]
+            points = [kwargs.get("point") for _, kwargs, _ in crops]
             if not overlap:
                 assert all(p is None for p in points)
                 continue
-            for (img, *_), p in zip((args for args, _ in crops), points):
+            for (img, *_), p in zip((args for args, _, _ in crops), points):
                 h, w = img.shape[:2]
                 assert img[int(p[0] * h), int(p[1] * w), 0] >= 1.0  # a breast pixel
             for s in range(k):
@@ -236,92 +178,6 @@ def test_crops_of_one_view_share_a_breast_point(pairs, monkeypatch, method):
                     assert np.array_equal(points[s].numpy(), points[t].numpy()) == same_view
                     shared += same_view
     assert shared >= (0 if method == "mvcl" else len(raws))
-
-
-def test_crop_box_contains_the_shared_point_and_independent_crops_rarely_overlap():
-    cfg = _cfg(crop_scale=[0.02, 0.04], rotation_deg=10.0)
-    image = tf.constant(_left_breast(200, 150, cols=100)[..., None].astype(np.float32))  # 2/3 of the image is breast
-
-    def overlap(b1, b2):
-        return min(b1[2], b2[2]) > max(b1[0], b2[0]) and min(b1[3], b2[3]) > max(b1[1], b2[1])
-
-    together = independent = 0
-    for i in range(100):
-        p = breast_point(image, tf.constant([3, i], tf.int64)).numpy()
-        boxes = []
-        for side in (0, 1):
-            box, angle = crop_box(image, tf.constant([side, i], tf.int64), cfg, tf.constant(p))
-            box = box.numpy()
-            assert box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
-            assert box.min() >= 0.0 and box.max() <= 1.0 + 1e-6 and abs(float(angle)) <= np.radians(10.0) + 1e-6
-            area = (box[2] - box[0]) * (box[3] - box[1])
-            assert 0.02 - 1e-6 <= area <= 0.04 + 1e-6
-            boxes.append(box)
-        together += overlap(*boxes)
-        independent += overlap(*(crop_box(image, tf.constant([side, i], tf.int64), cfg)[0].numpy() for side in (0, 1)))
-    assert together == 100 and independent < 30
-
-
-def test_augment_keeps_shape_and_varies_by_seed(pairs):
-    out, _ = pairs
-    cfg = _cfg(input_size=[40, 32])
-    raw = next(iter(tf.data.TFRecordDataset(sorted(all_shards(load_index(out), out, "train")))))
-    img = tf.cast(tf.io.decode_png(parse_pair(raw)["images"][0], dtype=tf.uint16), tf.float32)
-    xs = [augment(img, tf.constant([0, i], tf.int64), cfg).numpy() for i in range(4)]
-    assert all(x.shape == (40, 32, 1) and np.isfinite(x).all() for x in xs)
-    assert min(np.abs(a - b).mean() for a, b in zip(xs, xs[1:])) > 1e-3
-    np.testing.assert_array_equal(xs[0], augment(img, tf.constant([0, 0], tf.int64), cfg).numpy())  # seeded
-
-
-def _left_breast(h=64, w=48, cols=None):
-    """A stored image whose breast is the left ``cols`` columns, values a smooth ramp in (0, 1]."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    v = (0.2 + 0.6 * yy / h + 0.1 * xx / w).astype(np.float32)
-    return to_stored(v, xx < (w // 2 if cols is None else cols))
-
-
-def test_augment_crops_hold_breast_and_keep_the_whole_image_outside_constant():
-    cfg = _cfg(input_size=[16, 12], crop_scale=[0.02, 0.03], rotation_deg=0.0, jitter=0.0)
-    stored = _left_breast(200, 150, cols=15)  # the breast is the left 10% of the image
-    image = tf.constant(stored[..., None].astype(np.float32))
-    fill = float(model_input(image, cfg.target_mean).numpy()[0, -1, 0])  # the whole image's outside constant
-    crops = np.stack([augment(image, tf.constant([1, i], tf.int64), cfg).numpy() for i in range(40)])
-    breast = crops > fill + 1e-3
-    assert breast.reshape(40, -1).any(axis=1).all()  # every crop is centred on breast (random ones: ~1 in 10)
-    assert crops.min() >= min(fill, 0.0) - 1e-4  # no crop-own constant (far below 0 for a mostly-breast crop)
-
-
-def test_crop_input_rotates_about_the_box_centre():
-    rng = np.random.default_rng(0)
-    stored = to_stored(rng.uniform(0.1, 0.9, (33, 33)).astype(np.float32), np.ones((33, 33), bool))
-    image = tf.constant(stored[..., None].astype(np.float32))
-    cfg = _cfg(input_size=[33, 33])
-    ref = model_input(image, cfg.target_mean).numpy()[..., 0]
-    same, quarter = crop_input(image, [[0.0, 0.0, 1.0, 1.0]] * 2, cfg, [0.0, np.pi / 2]).numpy()[..., 0]
-    np.testing.assert_allclose(same, ref, atol=1e-5)  # the whole image, unrotated: itself
-    np.testing.assert_allclose(quarter, np.rot90(ref), atol=1e-4)  # output (i, j) samples input (j, n - 1 - i)
-    # a box of the top-left quarter at 2x: every other output pixel is an input pixel
-    zoom = crop_input(image, [[0.0, 0.0, 0.5, 0.5]], _cfg(input_size=[33, 33]), [0.0]).numpy()[0, ::2, ::2, 0]
-    np.testing.assert_allclose(zoom, ref[:17, :17], atol=1e-5)
-
-
-def test_evaluation_tiles_cover_the_breast_at_the_training_scale():
-    cfg = _cfg(input_size=[32, 24], crop_scale=[0.25, 0.25])  # tile side = sqrt(0.25) = half of each side
-    stored = _left_breast()  # 64x48, the left half is breast: of the 2x2 grid the two left tiles are kept
-    tiles = evaluation_tiles(stored, cfg)
-    assert tiles.shape == (2, 32, 24, 1)
-    v, mask = from_stored(stored)
-    ref = np.where(mask, v, float(model_input(tf.constant(stored[..., None]), cfg.target_mean).numpy()[0, -1, 0]))
-    # crop_and_resize samples [y0 (h - 1), y1 (h - 1)]: nearly pixel-aligned here, but its last column
-    # (x = 23.5) blends the breast edge with the outside
-    for tile, (r, c) in zip(tiles[..., 0], [(0, 0), (32, 0)]):
-        np.testing.assert_allclose(tile[:, :-1], ref[r:r + 32, c:c + 23], atol=0.01)
-    cfg.contrastive.pair_size = [32, 24]  # resized to the pair records' size first: same grid, half the pixels
-    assert evaluation_tiles(stored, cfg).shape == (2, 32, 24, 1)
-    no_breast = np.zeros_like(stored)
-    no_breast[:4, -4:] = stored[:4, :4]  # a sliver of breast in the top-right tile only: that tile is kept
-    assert np.allclose(evaluation_tiles(no_breast, _cfg(input_size=[32, 24], crop_scale=[0.25, 0.25]))[0, :2, -2:, 0],
-                       from_stored(stored)[0][:2, :2], atol=0.05)
 
 
 def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp_path):
@@ -380,21 +236,58 @@ def test_linear_probe_sees_style_only_when_embeddings_carry_it():
 def test_optimizer_choice_and_peak_rate():
     import keras
 
-    from mammodg.config import ConfigError
-    from mammodg.stages.contrastive import _optimizer
+    from mammodg.optimizers import contrastive_optimizer
 
-    cfg = TrainConfig(stage="contrastive", batch_size=64, steps=100, learning_rate=0.3)
-    cfg.contrastive.warmup_steps = 10
-    sgd = _optimizer(cfg)()
+    def rate(opt, step):
+        opt.iterations.assign(step)
+        return float(opt.learning_rate)
+
+    args = dict(learning_rate=0.3, batch_size=64, steps=100, warmup_steps=10)
+    sgd = contrastive_optimizer("sgd", **args)()
     assert isinstance(sgd, keras.optimizers.SGD)
-    assert float(sgd._learning_rate(10)) == pytest.approx(0.3 * 64 / 256)  # SimCLR's linear scaling at the peak
-    cfg.contrastive.optimizer, cfg.learning_rate = "adamw", 1e-3
-    adamw = _optimizer(cfg)()
-    assert isinstance(adamw, keras.optimizers.AdamW) and float(adamw._learning_rate(10)) == pytest.approx(1e-3)
-    assert float(adamw._learning_rate(100)) < 1e-6  # cosine decay to 0 at the last step
-    cfg.contrastive.optimizer = "lars"
-    with pytest.raises(ConfigError, match="contrastive.optimizer"):
-        _optimizer(cfg)
+    assert rate(sgd, 10) == pytest.approx(0.3 * 64 / 256)  # SimCLR's linear scaling at the peak
+    assert rate(sgd, 5) == pytest.approx(0.3 * 64 / 256 / 2)  # linear warm-up
+    adamw = contrastive_optimizer("adamw", **(args | {"learning_rate": 1e-3}))(use_ema=True, ema_momentum=0.9)
+    assert isinstance(adamw, keras.optimizers.AdamW) and rate(adamw, 10) == pytest.approx(1e-3)
+    assert rate(adamw, 55) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 45 / 90)))  # cosine
+    assert rate(adamw, 100) < 1e-6 and adamw.use_ema  # decayed to 0 at the last step; EMA keywords passed on
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        contrastive_optimizer("lars", **args)
+
+
+def test_missing_pairs_name_the_command_that_builds_them(tiny_records, tmp_path, capsys):
+    from mammodg import stages
+    from mammodg.cli import main
+
+    cfg = TrainConfig(stage="contrastive", data_dir=str(tiny_records), run_dir=str(tmp_path / "run"))
+    cfg.contrastive.pairs_dir = str(tmp_path / "pairs")
+    with pytest.raises(FileNotFoundError, match=rf"dataset.json not found; build it with `mammodg build-pairs --data "
+                                                 rf"{tiny_records} --out {tmp_path / 'pairs'} --cyclegan RUN`"):
+        stages.run("contrastive", cfg)
+    cfg.contrastive.method = "simclr"  # needs no style transfers
+    with pytest.raises(FileNotFoundError, match=rf"--out {tmp_path / 'pairs'}`"):
+        stages.run("contrastive", cfg)
+    config = tmp_path / "own.yaml"  # an explicit config without the demo's orchestration
+    config.write_text(f"data_dir: {tiny_records}\nrun_dir: {tmp_path / 'run'}\ncontrastive:\n  pairs_dir: {tmp_path / 'pairs'}\n")
+    assert main(["train", "--stage", "contrastive", "--config", str(config)]) == 2
+    assert "mammodg build-pairs" in capsys.readouterr().err
+    assert not (tmp_path / "pairs").exists() and not (tmp_path / "run").exists()
+
+
+def test_demo_orchestration_builds_missing_pairs_once(tiny_records, tmp_path, capsys):
+    from mammodg.demo import prepare_contrastive
+    from mammodg.stages.contrastive import check_pairs
+
+    cfg = TrainConfig(stage="contrastive", data_dir=str(tiny_records), run_dir=str(tmp_path / "run"))
+    cfg.contrastive.method, cfg.contrastive.pairs_dir = "simclr", str(tmp_path / "pairs")
+    assert prepare_contrastive(cfg) == tmp_path / "pairs" == check_pairs(cfg)
+    assert load_index(tmp_path / "pairs")["kind"] == "pairs" and "breast records:" in capsys.readouterr().out
+    stamp = (tmp_path / "pairs" / "dataset.json").stat().st_mtime_ns
+    prepare_contrastive(cfg)  # present: not rebuilt
+    assert (tmp_path / "pairs" / "dataset.json").stat().st_mtime_ns == stamp
+    cfg.data_dir, cfg.contrastive.pairs_dir = str(tmp_path / "nodata"), str(tmp_path / "pairs2")
+    with pytest.raises(FileNotFoundError, match="mammodg build-tfrecords"):
+        prepare_contrastive(cfg)
 
 
 @pytest.mark.parametrize("field, value", [("method", "byol"), ("optimizer", "lars")])
@@ -407,3 +300,26 @@ def test_bad_contrastive_config_fails_before_any_data_work(tmp_path, field, valu
     with pytest.raises(ConfigError, match=f"contrastive.{field}"):  # not the missing data_dir, found later
         stages.run("contrastive", cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_same_seed_gives_the_same_batches(tiny_records, pairs):
+    """Stateless draws seeded by (seed, sample index): two pipelines of one config give identical batches
+    (the patch stage's decoder too), another seed other ones."""
+    from mammodg.stages.contrastive import contrastive_batches
+    from mammodg.stages.patch import patch_batches
+
+    def first(ds, n=2):
+        return [tf.nest.map_structure(lambda t: t.numpy(), b) for b, _ in zip(ds, range(n))]
+
+    def equal(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b)))
+
+    cfg = TrainConfig(stage="contrastive", data_dir=str(tiny_records), batch_size=4, strategy="natural", seed=3)
+    cfg.contrastive.pairs_dir, cfg.contrastive.input_size = str(pairs[0]), [16, 12]
+    ref = first(contrastive_batches(cfg))
+    assert equal(ref, first(contrastive_batches(cfg)))
+    cfg.seed = 4
+    assert not equal(ref, first(contrastive_batches(cfg)))
+    pcfg = TrainConfig(stage="patch", data_dir=str(tiny_records), batch_size=4, patch_size=16, seed=2)
+    ref = first(patch_batches(pcfg), 3)
+    assert equal(ref, first(patch_batches(pcfg), 3))

@@ -15,7 +15,9 @@ from mammodg.metrics import (
     bootstrap_delta_auc,
     classification_report,
     downsample_curve,
+    none_if_nan,
     operating_points,
+    positive_top1_hits,
     roc,
     weighted_log_loss,
 )
@@ -59,6 +61,45 @@ def test_weighted_log_loss_single_class_and_clipping():
     assert np.isfinite(v) and v == pytest.approx(-np.log(1e-7), rel=1e-6)
     with pytest.raises(ValueError):
         weighted_log_loss([0, 2], [0.1, 0.2])
+
+
+def test_weighted_log_loss_multiclass_matches_sklearn_with_balanced_weights():
+    rng = np.random.default_rng(3)
+    y = rng.choice(5, size=400, p=[0.6, 0.2, 0.1, 0.07, 0.03])
+    logits = rng.normal(size=(400, 5)) + 2 * np.eye(5)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ref = log_loss(y, probs, sample_weight=compute_sample_weight("balanced", y), labels=range(5))
+    assert weighted_log_loss(y, probs) == pytest.approx(ref, rel=1e-10)
+    present = y < 3  # only the classes present weigh: the mean of their mean losses
+    nll = -np.log(probs[present, y[present]])
+    assert weighted_log_loss(y[present], probs[present]) == pytest.approx(np.mean([nll[y[present] == c].mean() for c in range(3)]))
+    two = np.stack([1 - probs[:, 0], probs[:, 0]], 1)  # two columns: the binary WLL of column 1 (away from the clip)
+    assert weighted_log_loss(y == 0, two) == pytest.approx(weighted_log_loss(y == 0, probs[:, 0]), rel=1e-12)
+    assert weighted_log_loss([0, 1], [[0.0, 1.0], [1.0, 0.0]]) == pytest.approx(-np.log(1e-7))  # clipped, finite
+    with pytest.raises(ValueError, match="class indices 0..4"):
+        weighted_log_loss([0, 5], probs[:2])
+    with pytest.raises(ValueError, match="2 rows but y_true has 3"):
+        weighted_log_loss([0, 1, 2], probs[:2])
+
+
+def test_none_if_nan():
+    assert none_if_nan(float("nan")) is None and none_if_nan(None) is None and none_if_nan(np.float32("nan")) is None
+    v = none_if_nan(np.float32(0.25))
+    assert v == 0.25 and type(v) is float
+    json.dumps([none_if_nan(x) for x in (np.nan, 1, np.float64(2.5))], allow_nan=False)
+
+
+def test_positive_top1_hits_against_brute_force():
+    rng = np.random.default_rng(0)
+    z1 = rng.normal(size=(6, 4))
+    z2 = z1 * rng.uniform(0.5, 2.0, (6, 1)) + rng.normal(scale=0.7, size=(6, 4))  # noisy, rescaled positives
+    hits = positive_top1_hits(z1, z2)
+    flat = np.concatenate([z1, z2])
+    for i, e in enumerate(flat):
+        cos = [(e @ f) / np.linalg.norm(e) / np.linalg.norm(f) if k != i else -np.inf for k, f in enumerate(flat)]
+        assert hits[i] == (int(np.argmax(cos)) == (i + 6) % 12)
+    assert 0 < hits.mean() < 1
+    assert positive_top1_hits(z1, 3 * z1).all()  # a positive along the same direction is always found
 
 
 # ------------------------------------------------------------------------------------------- AUC

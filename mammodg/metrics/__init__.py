@@ -1,4 +1,6 @@
-"""Evaluation metrics (numpy only): WLL / image, ROC / AUC, operating points, bootstrap CIs and ΔAUC."""
+"""Evaluation metrics (numpy only): WLL / image, ROC / AUC, operating points, bootstrap CIs and ΔAUC
+(:mod:`~mammodg.metrics.classification`), positive retrieval of contrastive pairs (:mod:`~mammodg.metrics.retrieval`)."""
+from mammodg.metrics import classification
 from mammodg.metrics.classification import (
     DEFAULT_THRESHOLDS,
     auc,
@@ -6,19 +8,11 @@ from mammodg.metrics.classification import (
     bootstrap_delta_auc,
     classification_report,
     downsample_curve,
+    none_if_nan,
     operating_points,
     roc,
     weighted_log_loss,
 )
+from mammodg.metrics.retrieval import positive_top1_hits
 
-__all__ = [
-    "DEFAULT_THRESHOLDS",
-    "weighted_log_loss",
-    "auc",
-    "roc",
-    "operating_points",
-    "bootstrap_auc",
-    "bootstrap_delta_auc",
-    "classification_report",
-    "downsample_curve",
-]
+__all__ = [*classification.__all__, "positive_top1_hits"]

@@ -3,15 +3,16 @@
 Everything here is plain numpy (no TensorFlow, no scikit-learn at run time), so it can be used from a
 training loop, a notebook or an evaluation script alike.
 
-* :func:`weighted_log_loss` -- "Weighted Logloss per image" (WLL / image): binary cross-entropy with
-  sample weights estimated on the evaluated set so that both classes weigh equally.
+* :func:`weighted_log_loss` -- "Weighted Logloss per image" (WLL / image): cross-entropy with sample
+  weights estimated on the evaluated set so that every class weighs equally (binary, or multi-class
+  for the 5 patch classes of appendix A.3).
 * :func:`auc`, :func:`roc`, :func:`operating_points` -- ROC curve, its area and the operating points
   (OPs) at fixed probability thresholds (the paper uses 0.2, 0.4, 0.6, 0.8).
 * :func:`bootstrap_auc`, :func:`bootstrap_delta_auc` -- AUC and paired difference of AUC between two
   models with 95 % percentile confidence intervals from Efron bootstraps (2000 resamples, uniform
   sampling with replacement over the evaluated set) and a bootstrap p-value.
 * :func:`classification_report` -- all of the above, globally and per data segment (DS), as a
-  JSON-serialisable dict (``nan`` is written as ``None``).
+  JSON-serialisable dict (``nan`` is written as ``None``, :func:`none_if_nan`).
 
 Labels are binary: 0 = benign / negative, 1 = malignant / positive (bool arrays are accepted).
 Scores are probabilities of malignancy (any real score works for the AUC / ROC functions).
@@ -25,6 +26,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "none_if_nan",
     "weighted_log_loss",
     "auc",
     "roc",
@@ -63,8 +65,8 @@ def _scores(scores, n: int, name: str = "scores") -> np.ndarray:
     return s
 
 
-def _f(x) -> float | None:
-    """Python float, or None for NaN (JSON friendly)."""
+def none_if_nan(x) -> float | None:
+    """A Python float, or None for None and NaN (JSON has no NaN; an undefined metric is null)."""
     if x is None:
         return None
     x = float(x)
@@ -73,27 +75,38 @@ def _f(x) -> float | None:
 
 # ---------------------------------------------------------------------------------------- log loss
 def weighted_log_loss(y_true, p, eps: float = 1e-7) -> float:
-    """Weighted Logloss per image (WLL / image): class-balanced binary cross-entropy.
+    """Weighted Logloss per image (WLL / image): class-balanced cross-entropy.
 
-    ``l_i = -[y_i log p_i + (1 - y_i) log(1 - p_i)]`` with ``p`` clipped to ``[eps, 1 - eps]``, averaged
-    with the sample weights ``w_i = N / (2 N_{y_i})`` estimated on the evaluated set itself
-    (``N_c`` = number of samples of class ``c``)::
+    Binary (``p`` of shape (n,): probabilities of class 1): ``l_i = -[y_i log p_i + (1 - y_i) log(1 - p_i)]``
+    with ``p`` clipped to ``[eps, 1 - eps]``. Multi-class (``p`` of shape (n, k), rows of class
+    probabilities, labels in 0..k-1): ``l_i = -log p_i[y_i]`` with the probability clipped to ``[eps, 1]``.
+    The losses are averaged with the sample weights ``w_i = N / (C N_{y_i})`` estimated on the evaluated
+    set itself (``N_c`` samples of class ``c``, ``C`` classes present)::
 
-        WLL = sum_i w_i l_i / sum_i w_i = (mean_{y=0} l + mean_{y=1} l) / 2
+        WLL = sum_i w_i l_i / sum_i w_i = mean over present classes c of (mean_{y=c} l)
 
-    i.e. the mean of the per-class mean log losses, insensitive to the label proportions of the set.
-    This equals ``sklearn.metrics.log_loss(y, p, sample_weight=compute_sample_weight("balanced", y))``.
-
-    If the set holds a single class, the WLL is the plain mean log loss of that class (no division by
-    zero). Raises ``ValueError`` on an empty set.
+    insensitive to the label proportions of the set. The binary case equals
+    ``sklearn.metrics.log_loss(y, p, sample_weight=compute_sample_weight("balanced", y))``.
+    A set of a single class gives that class's plain mean log loss. Raises ``ValueError`` on an empty set.
     """
-    y = _labels(y_true)
+    probs = np.asarray(p, dtype=np.float64)
+    if probs.ndim == 2:
+        y = np.asarray(y_true).reshape(-1)
+        if y.size != len(probs):
+            raise ValueError(f"p has {len(probs)} rows but y_true has {y.size} labels")
+        if y.size and not np.isin(y, np.arange(probs.shape[1])).all():
+            raise ValueError(f"labels must be class indices 0..{probs.shape[1] - 1} for {probs.shape[1]} columns of p")
+        if not np.isfinite(probs).all():
+            raise ValueError("p contains NaN or infinite values")
+        y = y.astype(np.int64)
+        losses = -np.log(np.clip(probs[np.arange(y.size), y], eps, 1.0))
+    else:
+        y = _labels(y_true)
+        q = np.clip(_scores(p, y.size, "p"), eps, 1.0 - eps)
+        losses = np.where(y == 1, -np.log(q), -np.log1p(-q))
     if y.size == 0:
         raise ValueError("weighted_log_loss of an empty set")
-    q = np.clip(_scores(p, y.size, "p"), eps, 1.0 - eps)
-    losses = np.where(y == 1, -np.log(q), -np.log1p(-q))
-    per_class = [losses[y == c].mean() for c in (0, 1) if (y == c).any()]
-    return float(np.mean(per_class))
+    return float(np.mean([losses[y == c].mean() for c in np.unique(y)]))
 
 
 # ------------------------------------------------------------------------------------------- ROC / AUC
@@ -345,17 +358,17 @@ def bootstrap_delta_auc(y_true, scores_a, scores_b, n_boot: int = 2000, seed=0) 
 # ----------------------------------------------------------------------------------------- report
 def _group_metrics(y: np.ndarray, s: np.ndarray, thresholds, n_boot: int, seed, max_roc_points: int) -> dict:
     n, n_pos = int(y.size), int(y.sum())
-    out = {"n": n, "n_pos": n_pos, "n_neg": n - n_pos, "wll": _f(weighted_log_loss(y, s)),
+    out = {"n": n, "n_pos": n_pos, "n_neg": n - n_pos, "wll": none_if_nan(weighted_log_loss(y, s)),
            "auc": None, "auc_ci": None, "n_boot_used": 0, "operating_points": None, "roc": None, "note": None}
     ops = operating_points(y, s, thresholds)
-    out["operating_points"] = [{k: _f(v) for k, v in op.items()} for op in ops]
+    out["operating_points"] = [{k: none_if_nan(v) for k, v in op.items()} for op in ops]
     if n_pos == 0 or n_pos == n:
         missing = "positives" if n_pos == 0 else "negatives"
         out["note"] = f"no {missing}: AUC, ROC curve and {'TPR' if n_pos == 0 else 'FPR'} are undefined"
         return out
     b = bootstrap_auc(y, s, n_boot=n_boot, seed=seed)
-    out["auc"] = _f(b["auc"])
-    out["auc_ci"] = [_f(b["ci_low"]), _f(b["ci_high"])]
+    out["auc"] = none_if_nan(b["auc"])
+    out["auc_ci"] = [none_if_nan(b["ci_low"]), none_if_nan(b["ci_high"])]
     out["n_boot_used"] = b["n_boot_used"]
     fpr, tpr, _ = roc(y, s)
     fpr, tpr = downsample_curve(fpr, tpr, max_roc_points)

@@ -5,11 +5,12 @@ Each stage module exposes ``run(cfg: TrainConfig)``; the stage name selects it h
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 # stage name -> module under mammodg.stages
 STAGE_MODULES = {
-    "patch": "vgg_stages",
-    "classifier": "vgg_stages",
+    "patch": "patch",
+    "classifier": "classifier",
     "cyclegan": "cyclegan",
     "contrastive": "contrastive",
 }
@@ -20,3 +21,16 @@ def run(stage: str, cfg):
         raise ValueError(f"unknown stage {stage!r}; known stages: {sorted(STAGE_MODULES)}")
     module = importlib.import_module(f"mammodg.stages.{STAGE_MODULES[stage]}")
     return module.run(cfg)
+
+
+def train_and_export(cfg, task):
+    """Train ``task`` with the shared trainer; write a SavedModel of the best EMA weights when ``cfg.export``."""
+    from mammodg.train import Trainer
+
+    model = Trainer(cfg, cfg.resolved_run_dir(), task).run()
+    if cfg.export:
+        out = Path(cfg.resolved_run_dir()) / "saved_model"
+        model.export(str(out), format="tf_saved_model", verbose=False)
+        print(f"SavedModel (best EMA weights): {out}", flush=True)
+    print(f"run folder: {cfg.resolved_run_dir()}", flush=True)
+    return model
