@@ -229,6 +229,28 @@ def save(cfg, path: str | Path) -> None:
 
 
 @dataclasses.dataclass
+class VGGConfig:
+    """The VGG-like backbone of the periodic-sampling paper (appendix A.2), shared by ``patch`` and ``classifier``."""
+
+    width: float = 1.0  # width multiplier of every block (small for tests and demos)
+    filters: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256, 256, 512])
+
+
+@dataclasses.dataclass
+class PatchConfig:
+    """``--stage patch`` (periodic-sampling paper, appendix A.3): lesion / healthy-tissue patch pre-training."""
+
+    patch_size: int = 224  # crop size around lesions and healthy tissue
+
+
+@dataclasses.dataclass
+class ClassifierConfig:
+    """``--stage classifier`` (periodic-sampling paper, section 3.1.2): full-image fine-tuning."""
+
+    init_from: str = ""  # run folder of a patch run: its best backbone weights (architecture from its config.yaml)
+
+
+@dataclasses.dataclass
 class CycleGANConfig:
     """``--stage cyclegan`` (MSVCL v2 section III-B1 / IV-B): one CycleGAN per pair of seen styles."""
 
@@ -285,14 +307,13 @@ class TrainConfig:
     learning_rate: float = 1e-4
     ema_momentum: float = 0.99
     seed: int = 0
-    width: float = 1.0  # model width multiplier (small for tests and demos)
-    filters: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256, 256, 512])
-    patch_size: int = 224  # patch stage: crop size around lesions / healthy tissue
-    init_from: str = ""  # classifier stage: run folder of a patch run (its best backbone weights)
     target_mean: float = 0.25  # must match the dataset's preprocess.target_mean
     shuffle_budget: int = 512  # serialized records held in all stream shuffle buffers together
     val_max_batches: int = 0  # 0 = the whole validation split
     export: bool = True  # write a SavedModel of the best EMA weights at the end
+    vgg: VGGConfig = dataclasses.field(default_factory=VGGConfig)  # patch and classifier backbone
+    patch: PatchConfig = dataclasses.field(default_factory=PatchConfig)
+    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     cyclegan: CycleGANConfig = dataclasses.field(default_factory=CycleGANConfig)
     contrastive: ContrastiveConfig = dataclasses.field(default_factory=ContrastiveConfig)
 

@@ -24,7 +24,7 @@ def evaluate_run(run: Path, *, split: str = "val", n_boot: int = 2000) -> dict:
     if cfg.stage != "classifier":
         raise ValueError(f"{run}: evaluate reports image classifiers; this run is stage {cfg.stage!r}")
     h, w = load_index(cfg.data_dir)["image_shape"]
-    model = models.build("vgg_classifier", input_shape=(h, w, 1), width=cfg.width, filters=tuple(cfg.filters))
+    model = models.build("vgg_classifier", input_shape=(h, w, 1), width=cfg.vgg.width, filters=tuple(cfg.vgg.filters))
     model.load_weights(run / "best.weights.h5")
     probs, y, segs = class_probabilities(model, evaluation_records(cfg.data_dir, split, target_mean=cfg.target_mean,
                                                                    batch_size=cfg.batch_size))

@@ -76,7 +76,7 @@ def _vgg(run: Path, cfg, name: str, input_shape):
     """The run's VGG-like model (``name`` in the registry) with its best EMA weights."""
     from mammodg import models
 
-    model = models.build(name, input_shape=input_shape, width=cfg.width, filters=tuple(cfg.filters))
+    model = models.build(name, input_shape=input_shape, width=cfg.vgg.width, filters=tuple(cfg.vgg.filters))
     model.load_weights(_need(run / "best.weights.h5", _train_hint(run, cfg.stage)))
     return model
 
@@ -89,7 +89,7 @@ def _patch(run: Path, cfg) -> dict:
 
     from mammodg import models
 
-    model = _vgg(run, cfg, "patch_classifier", (cfg.patch_size, cfg.patch_size, 1))
+    model = _vgg(run, cfg, "patch_classifier", (cfg.patch.patch_size, cfg.patch.patch_size, 1))
     backbone = models.find_backbone(model)
     pool = model.get_layer("patch_logits")
 

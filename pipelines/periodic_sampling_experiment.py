@@ -183,15 +183,16 @@ def build_records(args, manifest: Path, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ training
-def train_config(args, data_dir: Path, run_dir: Path, **kw):
+def train_config(args, data_dir: Path, run_dir: Path, init_from: str = "", **kw):
     from mammodg.config import TrainConfig
 
     base = dict(data_dir=str(data_dir), run_dir=str(run_dir), batch_size=args.batch_size, seed=args.seed,
-                width=args.width, filters=list(args.filters), patch_size=args.patch_size, export=False,
-                val_max_batches=0,
-                target_mean=0.25)
+                export=False, val_max_batches=0, target_mean=0.25)
     base.update(kw)
-    return TrainConfig(**base)
+    cfg = TrainConfig(**base)
+    cfg.vgg.width, cfg.vgg.filters = args.width, list(args.filters)
+    cfg.patch.patch_size, cfg.classifier.init_from = args.patch_size, init_from
+    return cfg
 
 
 def sampling_shares(data_dir: Path, strategy: str, seed: int) -> dict:

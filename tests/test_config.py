@@ -30,8 +30,8 @@ def test_missing_file():
 def test_empty_override_clears_a_string_field():
     from mammodg.config import TrainConfig, load
 
-    assert load(TrainConfig, None, ["init_from=runs/p"]).init_from == "runs/p"
-    assert load(TrainConfig, None, ["init_from="]).init_from == ""
+    assert load(TrainConfig, None, ["classifier.init_from=runs/p"]).classifier.init_from == "runs/p"
+    assert load(TrainConfig, None, ["classifier.init_from="]).classifier.init_from == ""
 
 
 def _config_class(path):

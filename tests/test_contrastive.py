@@ -320,6 +320,7 @@ def test_same_seed_gives_the_same_batches(tiny_records, pairs):
     assert equal(ref, first(contrastive_batches(cfg)))
     cfg.seed = 4
     assert not equal(ref, first(contrastive_batches(cfg)))
-    pcfg = TrainConfig(stage="patch", data_dir=str(tiny_records), batch_size=4, patch_size=16, seed=2)
+    pcfg = TrainConfig(stage="patch", data_dir=str(tiny_records), batch_size=4, seed=2)
+    pcfg.patch.patch_size = 16
     ref = first(patch_batches(pcfg), 3)
     assert equal(ref, first(patch_batches(pcfg), 3))

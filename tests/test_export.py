@@ -108,15 +108,16 @@ def train_tiny(cfg, build):
     return Trainer(cfg, cfg.run_dir, task).run()
 
 
-def vgg_cfg(tmp_path, stage, **kw):
-    return TrainConfig(stage=stage, run_dir=str(tmp_path / stage), steps=1, val_every=1, width=0.125,
-                       filters=[32, 32, 32], target_mean=0.3, **kw)
+def vgg_cfg(tmp_path, stage, patch_size=224, **kw):
+    cfg = TrainConfig(stage=stage, run_dir=str(tmp_path / stage), steps=1, val_every=1, target_mean=0.3, **kw)
+    cfg.vgg.width, cfg.vgg.filters, cfg.patch.patch_size = 0.125, [32, 32, 32], patch_size
+    return cfg
 
 
 def test_patch_export(tmp_path, capsys):
     cfg = vgg_cfg(tmp_path, "patch", patch_size=24)
-    trained = train_tiny(cfg, lambda: models.build("patch_classifier", input_shape=(24, 24, 1), width=cfg.width,
-                                                   filters=tuple(cfg.filters)))
+    trained = train_tiny(cfg, lambda: models.build("patch_classifier", input_shape=(24, 24, 1), width=cfg.vgg.width,
+                                                   filters=tuple(cfg.vgg.filters)))
     run = tmp_path / "patch"
     assert main(["export", "--run", str(run)]) == 0
     printed = capsys.readouterr().out
@@ -146,8 +147,8 @@ def test_classifier_export(tmp_path, capsys):
     data.mkdir()  # the input shape comes from the run's dataset index
     (data / "dataset.json").write_text(json.dumps({"format": INDEX_FORMAT, "image_shape": [48, 32]}))
     cfg = vgg_cfg(tmp_path, "classifier", data_dir=str(data))
-    trained = train_tiny(cfg, lambda: models.build("vgg_classifier", input_shape=(48, 32, 1), width=cfg.width,
-                                                   filters=tuple(cfg.filters)))
+    trained = train_tiny(cfg, lambda: models.build("vgg_classifier", input_shape=(48, 32, 1), width=cfg.vgg.width,
+                                                   filters=tuple(cfg.vgg.filters)))
     run = tmp_path / "classifier"
     assert main(["export", "--run", str(run)]) == 0
     assert ("serve_examples(examples: string[?]) -> image_id: string[?], logits: float32[?, 2], "

@@ -27,13 +27,13 @@ def _common(data, run):
 
 def test_patch_then_classifier_then_evaluate(vgg_records, tmp_path):
     patch = _cli("train", "--stage", "patch", *_common(vgg_records, tmp_path / "patch"), "--set", "steps=4",
-                 "--set", "val_every=2", "--set", "patch_size=192", timeout=600)
+                 "--set", "val_every=2", "--set", "patch.patch_size=192", timeout=600)
     assert patch.returncode == 0, patch.stderr[-3000:]
     assert (tmp_path / "patch" / "best.weights.h5").is_file() and (tmp_path / "patch" / "saved_model").is_dir()
     hist = json.loads((tmp_path / "patch" / "history.json").read_text())
     assert [h["step"] for h in hist] == [2, 4] and "wll_lesion" in hist[0]["global"]
     cls = _cli("train", "--stage", "classifier", *_common(vgg_records, tmp_path / "cls"), "--set", "steps=4",
-               "--set", "val_every=2", "--set", f"init_from={tmp_path / 'patch'}", "--set", "patch_size=192", timeout=600)
+               "--set", "val_every=2", "--set", f"classifier.init_from={tmp_path / 'patch'}", "--set", "patch.patch_size=192", timeout=600)
     assert cls.returncode == 0, cls.stderr[-3000:]
     assert "backbone initialised" in cls.stdout and "sampling proportions" in cls.stdout
     assert list((tmp_path / "cls" / "tensorboard").iterdir())
@@ -47,7 +47,7 @@ def test_patch_then_classifier_then_evaluate(vgg_records, tmp_path):
 def test_killed_classifier_run_resumes(vgg_records, tmp_path):
     run = tmp_path / "cls"
     args = ["train", "--stage", "classifier", *_common(vgg_records, run), "--set", "steps=6", "--set", "val_every=2",
-            "--set", "init_from="]  # from scratch (the demo config's patch run need not exist)
+            "--set", "classifier.init_from="]  # from scratch (the demo config's patch run need not exist)
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mammodg.cli", *args], stdout=log, stderr=subprocess.STDOUT)
     state = run / "state.json"

@@ -38,16 +38,19 @@ def _validate(cfg: TrainConfig):
 
 
 def _init_from_patch_run(cfg: TrainConfig):
-    """``after_build``: copy the backbone of the patch run ``init_from`` (its best weights) into the model."""
+    """``after_build``: copy the backbone of the patch run ``classifier.init_from`` (its best weights; the
+    patch model is rebuilt from that run's own config.yaml) into the model."""
     from mammodg import models
+    from mammodg.config import load
     from mammodg.stages.patch import build_patch_model
 
     def init(model):
-        if cfg.init_from:
-            src = Path(cfg.init_from) / "best.weights.h5"
+        if cfg.classifier.init_from:
+            src = Path(cfg.classifier.init_from) / "best.weights.h5"
             if not src.is_file():
-                raise FileNotFoundError(f"init_from: {src} not found; train it with `mammodg train --stage patch`")
-            patch = build_patch_model(cfg)
+                raise FileNotFoundError(f"classifier.init_from: {src} not found; train it with "
+                                        "`mammodg train --stage patch`")
+            patch = build_patch_model(load(TrainConfig, src.parent / "config.yaml"))
             patch.load_weights(src)
             models.load_backbone_weights(model, patch)
             print(f"backbone initialised from {src}", flush=True)
@@ -72,7 +75,7 @@ def classifier_task(cfg: TrainConfig) -> Task:
         return ds
 
     return Task(
-        build_model=lambda: models.build("vgg_classifier", input_shape=(h, w, 1), width=cfg.width, filters=tuple(cfg.filters)),
+        build_model=lambda: models.build("vgg_classifier", input_shape=(h, w, 1), width=cfg.vgg.width, filters=tuple(cfg.vgg.filters)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         batches=batches, validate=_validate(cfg), learning_rate=cfg.learning_rate, after_build=_init_from_patch_run(cfg))
 

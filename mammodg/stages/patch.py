@@ -13,8 +13,9 @@ from mammodg.train import Task
 def build_patch_model(cfg: TrainConfig):
     from mammodg import models
 
-    return models.build("patch_classifier", input_shape=(cfg.patch_size, cfg.patch_size, 1), width=cfg.width,
-                        filters=tuple(cfg.filters))
+    size = cfg.patch.patch_size
+    return models.build("patch_classifier", input_shape=(size, size, 1), width=cfg.vgg.width,
+                        filters=tuple(cfg.vgg.filters))
 
 
 def patch_batches(cfg: TrainConfig, start_step: int = 0):
@@ -22,7 +23,7 @@ def patch_batches(cfg: TrainConfig, start_step: int = 0):
     from mammodg.augment import patch_decoder
     from mammodg.sampling.indexed import indexed_batches
 
-    decode = patch_decoder(patch_size=cfg.patch_size, target_mean=cfg.target_mean, seed=cfg.seed)
+    decode = patch_decoder(patch_size=cfg.patch.patch_size, target_mean=cfg.target_mean, seed=cfg.seed)
     return indexed_batches(cfg.data_dir, decode, split=cfg.train_split, strategy="balanced_labels", seed=cfg.seed,
                            batch_size=cfg.batch_size, start_step=start_step, shuffle_budget=cfg.shuffle_budget)
 
@@ -34,7 +35,7 @@ def validation_patches(cfg: TrainConfig):
     from mammodg.augment import patch_decoder
     from mammodg.sampling.indexed import indexed_split
 
-    decode = patch_decoder(patch_size=cfg.patch_size, target_mean=cfg.target_mean, seed=cfg.seed + 99, jitter=0.0)
+    decode = patch_decoder(patch_size=cfg.patch.patch_size, target_mean=cfg.target_mean, seed=cfg.seed + 99, jitter=0.0)
     ds, _ = indexed_split(cfg.data_dir, decode, split=cfg.val_split)
     return ds.map(lambda x, c: (x, c, tf.constant(""))).batch(cfg.batch_size)
 
