@@ -91,3 +91,21 @@ class NTXent(keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), "temperature": self.temperature, "cross_replica": self.cross_replica,
                 "pairs": [list(p) for p in self.pairs]}
+
+
+# ---------------------------------------------------------------------------------------------- CycleGAN
+# Zhu et al. 2017 (and MSVCL v2 section IV-B): least-squares adversarial loss, L1 cycle and identity losses.
+def lsgan_generator_loss(fake_scores):
+    """The generator's least-squares loss: mean of ``(D(G(x)) - 1)^2`` (fakes should score as real)."""
+    return ops.mean(ops.square(ops.cast(fake_scores, "float32") - 1.0))
+
+
+def lsgan_discriminator_loss(real_scores, fake_scores):
+    """The discriminator's least-squares loss: ``(mean (D(real) - 1)^2 + mean D(fake)^2) / 2``."""
+    real = ops.mean(ops.square(ops.cast(real_scores, "float32") - 1.0))
+    return 0.5 * (real + ops.mean(ops.square(ops.cast(fake_scores, "float32"))))
+
+
+def l1_loss(x, y):
+    """Mean absolute difference: the cycle loss ``|F(G(a)) - a|`` and the identity loss ``|G(b) - b|``."""
+    return ops.mean(ops.abs(ops.cast(x, "float32") - ops.cast(y, "float32")))
