@@ -273,7 +273,7 @@ class Trainer:
         self.trained = True
         try:
             model.fit(data, steps_per_epoch=cfg.val_every, epochs=cfg.steps // cfg.val_every, initial_epoch=self.epoch,
-                      callbacks=_callbacks(self, getattr(model.optimizer, "use_ema", False)), verbose=0)
+                      shuffle=False, callbacks=_callbacks(self, getattr(model.optimizer, "use_ema", False)), verbose=0)
         except RuntimeError as e:
             if self.loss is None or math.isfinite(float(self.loss)):
                 raise

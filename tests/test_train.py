@@ -61,7 +61,8 @@ def test_killed_classifier_run_resumes(vgg_records, tmp_path):
     assert 2 <= killed_at < 6
     model = keras.models.load_model(run / "last.keras")
     assert int(model.optimizer.iterations.numpy()) == killed_at  # optimizer state (and its EMA) saved
-    ema = model.optimizer._model_variables_moving_average
+    ema = _averages(model.optimizer)
+    assert len(ema) == len(model.trainable_variables)
     assert any(not np.allclose(e.numpy(), v.numpy()) for e, v in zip(ema, model.trainable_variables))
     again = _cli(*args, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -71,6 +72,11 @@ def test_killed_classifier_run_resumes(vgg_records, tmp_path):
     assert json.loads(state.read_text())["done"] is True
     third = _cli(*args, timeout=600)
     assert "already trained" in third.stdout
+
+
+def _averages(optimizer):
+    """The optimizer's EMA of each trainable weight, from its public variable list (Keras names them *_average)."""
+    return [v for v in optimizer.variables if v.path.endswith("_average")]
 
 
 def _toy_task(loss, lr=0.05):
@@ -116,8 +122,9 @@ def test_ema_weights_used_for_best_checkpoint(tmp_path):
     model = trainer.run()
     assert trainer.state["best_step"] == 10
     last = keras.models.load_model(tmp_path / "run" / "last.keras")  # raw weights + optimizer state at step 10
-    ema = [v.numpy() for v in last.optimizer._model_variables_moving_average]
+    ema = [v.numpy() for v in _averages(last.optimizer)]
     raw = [v.numpy() for v in last.trainable_variables]
+    assert len(ema) == len(raw) == 2
     best = keras.models.clone_model(last)
     best.load_weights(tmp_path / "run" / "best.weights.h5")
     best = [v.numpy() for v in best.trainable_variables]

@@ -7,7 +7,7 @@ the shared trainer in ``<run_dir>/pair_<A>__<B>/`` (resume, finished-pair skip, 
 ``state.json``); inputs are random ``crop_size`` breast crops (:mod:`mammodg.augment.gan`); Adam
 (``learning_rate``, ``beta_1``) for the generators and for the discriminators, constant then linearly
 decayed to 0 from ``decay_start * steps``; no EMA, and the exported generators are the last ones.
-Validation: the cycle and identity losses on fixed crops of the validation split.
+Validation: the cycle and identity losses on fixed crops of each style's first validation record.
 
 Run folder (``run_dir``)::
 
@@ -23,6 +23,7 @@ Run folder (``run_dir``)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import re
@@ -87,8 +88,9 @@ def pair_task(cfg: TrainConfig, index: dict, a: str, b: str) -> Task:
     import keras
     import tensorflow as tf
 
-    from mammodg.augment.gan import style_batches, style_files
+    from mammodg.augment.gan import breast_crop, style_batches, style_files
     from mammodg.models.cyclegan import CycleGAN, LinearDecay
+    from mammodg.records.schema import parse
 
     c = cfg.cyclegan
     crops = dict(batch_size=cfg.batch_size, crop_size=c.crop_size, shuffle_budget=cfg.shuffle_budget // 2)
@@ -98,10 +100,13 @@ def pair_task(cfg: TrainConfig, index: dict, a: str, b: str) -> Task:
                                  start_step=start, **crops) for i, s in enumerate((a, b))]
         return tf.data.Dataset.zip(tuple(streams)).prefetch(2)
 
-    val_a, val_b = (next(iter(style_batches(*_files(cfg, index, s), seed=0, **crops))) for s in (a, b))
+    @functools.cache
+    def val_crops(style):  # fixed crops of the style's first validation record, made once
+        stored = parse(next(iter(tf.data.TFRecordDataset(_files(cfg, index, style)[0][:1]))))["image"]
+        return tf.stack([breast_crop(stored, c.crop_size, tf.constant([0, i], tf.int64)) for i in range(cfg.batch_size)])
 
     def validate(model):
-        losses = {k: float(v) for k, v in model.losses_of(val_a, val_b, training=False)[0].items()}
+        losses = {k: float(v) for k, v in model.losses_of(val_crops(a), val_crops(b), training=False)[0].items()}
         return {"monitor": losses["cycle"], "global": losses}
 
     def compile_(model):
