@@ -41,7 +41,8 @@ class TrainingError(RuntimeError):
 
 
 class RunFolderError(ValueError):
-    """A run folder file (``state.json``, ``last.keras``, ``config.yaml``) is damaged; the message says how to restart."""
+    """A run folder file (``state.json``, ``last.keras``, ``config.yaml``) is damaged; the message says how
+    to restart."""
 
 
 @dataclasses.dataclass
@@ -144,7 +145,8 @@ class Trainer:
             self.task.compile(model)
             return
         ema = {"use_ema": True, "ema_momentum": self.cfg.ema_momentum}
-        opt = self.task.optimizer(**ema) if self.task.optimizer else keras.optimizers.Adam(self.task.learning_rate, **ema)
+        make = self.task.optimizer or (lambda **kw: keras.optimizers.Adam(self.task.learning_rate, **kw))
+        opt = make(**ema)
         model.compile(optimizer=opt, loss=self.task.loss)
         model.optimizer.build(model.trainable_variables)  # optimizer (and EMA) variables exist before a resume
 
@@ -160,8 +162,8 @@ class Trainer:
             model.save_weights(self.run_dir / ".best.weights.h5")
             os.replace(self.run_dir / ".best.weights.h5", self.run_dir / "best.weights.h5")
         train = {k: float(v) for k, v in logs.items() if k != "loss"}
-        entry = {"step": step, "train_loss": float(logs.get("loss", float("nan"))), **({"train": train} if train else {}),
-                 **scores, "steps_per_s": round(self.cfg.val_every / max(train_s, 1e-9), 3),
+        entry = {"step": step, "train_loss": float(logs.get("loss", float("nan"))),
+                 **({"train": train} if train else {}), **scores, "steps_per_s": round(self.cfg.val_every / max(train_s, 1e-9), 3),
                  "validation_s": round(time.perf_counter() - t, 2)}
         self.state["history"].append(entry)
         if improved:
@@ -190,16 +192,20 @@ class Trainer:
             print(line, flush=True)
         self.period_start = time.perf_counter()
 
-    def _restart_hint(self) -> str:
-        return f"delete {self.ckpt} and {self.state_path} (or the whole run folder {self.run_dir}) to restart from step 0"
+    def _damaged(self, path, error) -> RunFolderError:
+        """One line: the file, the first line of the reason, and how to restart."""
+        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+        return RunFolderError(f"{path}: damaged ({reason}); delete {self.ckpt} and {self.state_path} (or the whole "
+                              f"run folder {self.run_dir}) to restart from step 0")
 
     def _read_state(self) -> dict:
         try:
             state = json.loads(self.state_path.read_text())
-            if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("history"), list)):
+            if not (isinstance(state, dict) and isinstance(state.get("step"), int)
+                    and isinstance(state.get("history"), list)):
                 raise ValueError("not a trainer state (step, history)")
         except (ValueError, UnicodeDecodeError) as e:
-            raise RunFolderError(f"{self.state_path}: damaged ({str(e).splitlines()[0][:120]}); {self._restart_hint()}") from None
+            raise self._damaged(self.state_path, e) from None
         return {"best": None, "best_step": None, "done": False, **state}
 
     def _check_saved_config(self, resume: bool) -> bool:
@@ -212,7 +218,7 @@ class Trainer:
         try:
             old = to_dict(from_dict(type(self.cfg), yaml.safe_load(path.read_text()) or {}, str(path)))
         except (yaml.YAMLError, ConfigError, UnicodeDecodeError, TypeError) as e:
-            raise RunFolderError(f"{path}: damaged ({str(e).splitlines()[0][:120]}); {self._restart_hint()}") from None
+            raise self._damaged(path, e) from None
         changed = [f for f in config_changes(old, to_dict(self.cfg)) if f not in RESUMABLE_FIELDS]
         if changed:
             raise ConfigError(f"{self.run_dir} was trained with another configuration: {', '.join(changed)} differ "
@@ -225,8 +231,7 @@ class Trainer:
         try:
             model.load_weights(self.ckpt)
         except Exception as e:  # noqa: BLE001  (a truncated zip, a missing or mismatched weight, ...)
-            raise RunFolderError(f"{self.ckpt}: damaged or not from this model ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:120] if str(e) else ''}); {self._restart_hint()}") from None
+            raise self._damaged(self.ckpt, e) from None
 
     def run(self):
         """Train to ``cfg.steps`` (resuming when a checkpoint exists); returns the model with best EMA weights."""

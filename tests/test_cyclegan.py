@@ -249,6 +249,12 @@ def test_stage_end_to_end_resume_and_transfer(tiny_records, tmp_path, capsys):
     mtime = keras_file.stat().st_mtime_ns
     out = train(4)  # same command again: nothing to train
     assert "already trained to step 4" in out and keras_file.stat().st_mtime_ns == mtime
+    saved = (run / "config.yaml").read_text()
+    rc = main(["train", "--stage", "cyclegan", "--config", str(cfg_path), "--set", "steps=6",
+               *[a for s in TINY + ["cyclegan.cycle_weight=5"] for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cyclegan.cycle_weight differ" in err and len(err.strip().splitlines()) == 1
+    assert (run / "config.yaml").read_text() == saved and keras_file.stat().st_mtime_ns == mtime
     assert (run / "style_grid.png").stat().st_size > 5000
 
     x = _smooth((1, 64, 48, 1), 2)

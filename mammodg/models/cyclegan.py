@@ -25,8 +25,8 @@ from keras import layers, ops
 
 from mammodg.models import register
 
-__all__ = ["ReflectionPadding2D", "resnet_generator", "patchgan_discriminator", "pool_query", "ImagePool", "LinearDecay",
-           "CycleGAN"]
+__all__ = ["ReflectionPadding2D", "resnet_generator", "patchgan_discriminator", "pool_query", "ImagePool",
+           "LinearDecay", "CycleGAN"]
 
 
 @keras.saving.register_keras_serializable(package="mammodg")
@@ -273,10 +273,12 @@ class CycleGAN(keras.Model):
 
         fake_b, fake_a = self.g_ab(real_a, training=training), self.g_ba(real_b, training=training)
         adv = lsgan_generator_loss(self.d_b(fake_b)) + lsgan_generator_loss(self.d_a(fake_a))
-        cycle = l1_loss(self.g_ba(fake_b, training=training), real_a) + l1_loss(self.g_ab(fake_a, training=training), real_b)
+        cycle = (l1_loss(self.g_ba(fake_b, training=training), real_a)
+                 + l1_loss(self.g_ab(fake_a, training=training), real_b))
         identity = ops.zeros(())
         if self.identity_weight > 0:
-            identity = l1_loss(self.g_ab(real_b, training=training), real_b) + l1_loss(self.g_ba(real_a, training=training), real_a)
+            identity = (l1_loss(self.g_ab(real_b, training=training), real_b)
+                        + l1_loss(self.g_ba(real_a, training=training), real_a))
         total = adv + self.cycle_weight * cycle + self.identity_weight * identity
         return {"g_total": total, "g_adv": adv, "cycle": cycle, "identity": identity}, (fake_a, fake_b)
 

@@ -103,7 +103,8 @@ def pair_task(cfg: TrainConfig, index: dict, a: str, b: str) -> Task:
     @functools.cache
     def val_crops(style):  # fixed crops of the style's first validation record, made once
         stored = parse(next(iter(tf.data.TFRecordDataset(_files(cfg, index, style)[0][:1]))))["image"]
-        return tf.stack([breast_crop(stored, c.crop_size, tf.constant([0, i], tf.int64)) for i in range(cfg.batch_size)])
+        seeds = [tf.constant([0, i], tf.int64) for i in range(cfg.batch_size)]
+        return tf.stack([breast_crop(stored, c.crop_size, seed) for seed in seeds])
 
     def validate(model):
         losses = {k: float(v) for k, v in model.losses_of(val_crops(a), val_crops(b), training=False)[0].items()}
