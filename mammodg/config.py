@@ -21,6 +21,7 @@ Strategy = Literal["periodic", "balanced_segments", "balanced_labels", "natural"
 VoiPolicy = Literal["auto", "none", "always"]
 ContrastiveMethod = Literal["simclr", "mscl", "mvcl", "msvcl"]
 ContrastiveOptimizer = Literal["sgd", "adamw"]
+PatientKey = Literal["source_and_id", "patient_id"]
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,10 @@ class BuildConfig:
     # Salt of the patient pseudonyms. Empty: a random salt is created once and kept in
     # ``<out>/.pseudonym_salt`` (never inside records), so re-runs give the same pseudonyms.
     pseudonym_salt: str = ""
+    # How rows are grouped into patients: "source_and_id" (default) keys a patient by (source, patient_id), so
+    # one person listed in two sources counts as two patients (possibly in both splits); "patient_id" keys by
+    # the id alone, for manifests whose ids are shared across sources (one pseudonym, one split).
+    patient_key: PatientKey = "source_and_id"
     workers: int = 0  # 0 = all cores
     shard_size: int = 256  # records per shard file at most
     allow_non_mg: bool = False  # accept modalities other than MG
