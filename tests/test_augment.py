@@ -474,3 +474,22 @@ def test_classifier_augmentation_touches_training_only(tiny_records):
 
 def image_records_of(data_dir):
     return list(tf.data.TFRecordDataset(sorted(all_shards(load_index(data_dir), data_dir, "train"))))
+
+
+def test_image_decoder_identity_warp_and_lesion_kept(image_records):
+    """Zero ranges: the whole-image model input itself; a zoom that pushes a lesion box out of the image:
+    the image is kept unwarped (the lesion stays visible); otherwise warped, same shape."""
+    from mammodg.augment.patches import image_decoder
+
+    identity = {"flip_h": 0.0, "flip_v": 0.0, "rotation": 0.0, "zoom": (1.0, 1.0), "shear": 0.0}
+    raw = next(r for r in image_records if _samples(r) and _samples(r)[-1][0] >= 0)
+    ref = model_input(parse(tf.constant(raw))["image"], TARGET_MEAN).numpy()
+    i = tf.constant(0, tf.int64)
+    x, y = image_decoder(target_mean=TARGET_MEAN, seed=0, augment=identity)(i, tf.constant(raw))
+    np.testing.assert_allclose(x.numpy(), ref, atol=1e-5)
+    assert int(y) == int(parse(tf.constant(raw))["label"])
+    huge = dict(identity, zoom=(8.0, 8.0))  # x8 about the centre: the boxes of the 64x48 image leave it
+    x, _ = image_decoder(target_mean=TARGET_MEAN, seed=0, augment=huge)(i, tf.constant(raw))
+    np.testing.assert_array_equal(x.numpy(), ref)
+    x, _ = image_decoder(target_mean=TARGET_MEAN, seed=0, augment=AUG)(i, tf.constant(raw))
+    assert x.shape == ref.shape
