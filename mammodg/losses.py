@@ -240,3 +240,21 @@ def max_margin_contrastive(f1, f2, y, margin: float = 10.0):
     per_pair = y * sq + (1.0 - y) * ops.square(ops.maximum(margin - d, 0.0))
     k = ops.maximum(ops.cast(ops.shape(sq)[0], "float32"), 1.0)  # K = 0 (no pair) gives 0, not NaN
     return ops.sum(per_pair) / (2.0 * k)
+
+
+# ---------------------------------------------------------------------------------------------- CycleGAN
+# Zhu et al. 2017 (and MSVCL v2 section IV-B): least-squares adversarial loss, L1 cycle and identity losses.
+def lsgan_generator_loss(fake_scores):
+    """The generator's least-squares loss: mean of ``(D(G(x)) - 1)^2`` (fakes should score as real)."""
+    return ops.mean(ops.square(ops.cast(fake_scores, "float32") - 1.0))
+
+
+def lsgan_discriminator_loss(real_scores, fake_scores):
+    """The discriminator's least-squares loss: ``(mean (D(real) - 1)^2 + mean D(fake)^2) / 2``."""
+    real = ops.mean(ops.square(ops.cast(real_scores, "float32") - 1.0))
+    return 0.5 * (real + ops.mean(ops.square(ops.cast(fake_scores, "float32"))))
+
+
+def l1_loss(x, y):
+    """Mean absolute difference: the cycle loss ``|F(G(a)) - a|`` and the identity loss ``|G(b) - b|``."""
+    return ops.mean(ops.abs(ops.cast(x, "float32") - ops.cast(y, "float32")))

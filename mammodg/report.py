@@ -15,7 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-__all__ = ["plot_roc", "plot_validation_curves", "markdown_report", "write_report", "to_jsonable"]
+__all__ = ["plot_roc", "plot_validation_curves", "markdown_report", "write_report", "to_jsonable", "style_grid"]
+
+BLEND_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # MSVCL v2 eq. (2): 0.0, 0.1, ..., 1.0
 
 _OP_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _METRIC_LABELS = {"wll": "WLL / image", "auc": "AUC / image"}
@@ -222,3 +224,35 @@ def write_report(report: dict, out_dir, title: str, history: Sequence[dict] | No
         paths["validation_curves"] = plot_validation_curves(history, out / "validation_curves.png",
                                                             title=f"{title}: validation metrics")
     return paths
+
+
+def style_grid(transfer, examples: dict, path) -> Path:
+    """Figure 4 of MSVCL v2 for a :class:`mammodg.records.styles.StyleTransfer`: row i = the example of
+    style i and its transfer to every other style (diagonal: the original); last row = eq. (2) blending of
+    the first style's example (style A) with its transfer to the second style (B), alpha = 0.0, 0.1, ..., 1.0.
+    ``examples``: style -> (image (h, w, 1) in [0, 1], breast mask (h, w, 1))."""
+    styles = transfer.styles
+    m = len(styles)
+    cols = max(m, len(BLEND_ALPHAS))
+    fig = Figure(figsize=(1.6 * cols, 2.3 * (m + 1)), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(m + 1, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+
+    def show(ax, img, title):
+        ax.imshow(img[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+        ax.set_title(title, fontsize=7)
+
+    for i, src in enumerate(styles):
+        img, mask = examples[src]
+        for j, dst in enumerate(styles):
+            out = transfer.transfer(img[None], mask[None], src, dst)[0]
+            show(axes[i, j], out, f"original\n{src}" if i == j else f"{src}\n-> {dst}")
+    img, mask = examples[styles[0]]
+    style_b = transfer.transfer(img[None], mask[None], styles[0], styles[1])[0]
+    for k, alpha in enumerate(BLEND_ALPHAS):
+        show(axes[m, k], img * (1.0 - alpha) + style_b * alpha, f"blend alpha={alpha:.1f}")
+    path = Path(path)
+    fig.savefig(path)
+    return path

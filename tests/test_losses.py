@@ -174,3 +174,21 @@ def test_patient_group_id_from_a_parsed_pair_record():
     assert (ids[0::2] == ids[1::2]).all()  # both breasts of a patient: one group
     assert len(set(ids[0::2].tolist())) == len(patients)
     assert (ids.astype(np.float32).astype(np.int64) == ids).all()
+
+
+# ------------------------------------------------------------------------------------ CycleGAN losses
+def test_lsgan_and_l1_losses_equal_their_numpy_formulas():
+    from mammodg.losses import l1_loss, lsgan_discriminator_loss, lsgan_generator_loss
+
+    rng = np.random.default_rng(7)
+    for shape in [(2, 3, 3, 1), (1, 30, 30, 1), (4, 5)]:
+        real, fake = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+        r64, f64 = real.astype(np.float64), fake.astype(np.float64)
+        assert float(lsgan_generator_loss(fake)) == pytest.approx(np.mean((f64 - 1) ** 2), rel=1e-5)
+        want_d = 0.5 * (np.mean((r64 - 1) ** 2) + np.mean(f64 ** 2))
+        assert float(lsgan_discriminator_loss(real, fake)) == pytest.approx(want_d, rel=1e-5)
+        assert float(l1_loss(real, fake)) == pytest.approx(np.mean(np.abs(r64 - f64)), rel=1e-5)
+    # the optimum of each: fakes scored 1 for G; real 1 and fake 0 for D; equal images for L1
+    ones, zeros = np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32)
+    assert float(lsgan_generator_loss(ones)) == 0 and float(lsgan_discriminator_loss(ones, zeros)) == 0
+    assert float(lsgan_discriminator_loss(zeros, ones)) == pytest.approx(1.0)

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 import mammodg.models  # noqa: F401  (registers the custom layers for load_model)
-from mammodg.config import TrainConfig
-from mammodg.train import Task, Trainer, TrainingError
+from mammodg.config import ConfigError, CycleGANConfig, TrainConfig, load
+from mammodg.train import RunFolderError, Task, Trainer, TrainingError
 
 
 def _cli(*args, **kw):
@@ -61,7 +61,8 @@ def test_killed_classifier_run_resumes(vgg_records, tmp_path):
     assert 2 <= killed_at < 6
     model = keras.models.load_model(run / "last.keras")
     assert int(model.optimizer.iterations.numpy()) == killed_at  # optimizer state (and its EMA) saved
-    ema = model.optimizer._model_variables_moving_average
+    ema = _averages(model.optimizer)
+    assert len(ema) == len(model.trainable_variables)
     assert any(not np.allclose(e.numpy(), v.numpy()) for e, v in zip(ema, model.trainable_variables))
     again = _cli(*args, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -71,6 +72,11 @@ def test_killed_classifier_run_resumes(vgg_records, tmp_path):
     assert json.loads(state.read_text())["done"] is True
     third = _cli(*args, timeout=600)
     assert "already trained" in third.stdout
+
+
+def _averages(optimizer):
+    """The optimizer's EMA of each trainable weight, from its public variable list (Keras names them *_average)."""
+    return [v for v in optimizer.variables if v.path.endswith("_average")]
 
 
 def _toy_task(loss, lr=0.05):
@@ -101,16 +107,90 @@ def test_nan_loss_stops_with_step(tmp_path):
 
 
 def test_ema_weights_used_for_best_checkpoint(tmp_path):
+    """best.weights.h5 holds the optimizer's EMA of the weights (validated with them), not the raw ones."""
     cfg = TrainConfig(steps=10, val_every=5, ema_momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    trainer = Trainer(cfg, tmp_path / "run", _toy_task(loss))
+    task = _toy_task(loss)
+    seen = []
+
+    def validate(model):  # records the weights validation ran on; always "improves" so step 10 is the best
+        seen.append([v.numpy().copy() for v in model.trainable_variables])
+        return {"monitor": -len(seen)}
+
+    task.validate = validate
+    trainer = Trainer(cfg, tmp_path / "run", task)
     model = trainer.run()
-    last = keras.models.load_model(tmp_path / "run" / "last.keras")
-    ema = [v.numpy() for v in last.optimizer._model_variables_moving_average]
+    assert trainer.state["best_step"] == 10
+    last = keras.models.load_model(tmp_path / "run" / "last.keras")  # raw weights + optimizer state at step 10
+    ema = [v.numpy() for v in _averages(last.optimizer)]
     raw = [v.numpy() for v in last.trainable_variables]
-    best = [v.numpy() for v in model.trainable_variables]
+    assert len(ema) == len(raw) == 2
+    best = keras.models.clone_model(last)
+    best.load_weights(tmp_path / "run" / "best.weights.h5")
+    best = [v.numpy() for v in best.trainable_variables]
+    assert all(np.allclose(b, e, atol=1e-7) for b, e in zip(best, ema))
+    assert not all(np.allclose(b, r, atol=1e-4) for b, r in zip(best, raw))
+    assert all(np.allclose(s, e, atol=1e-7) for s, e in zip(seen[-1], ema))  # validation saw the EMA
+    assert all(np.allclose(m.numpy(), e, atol=1e-7) for m, e in zip(model.trainable_variables, ema))
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["step"] for h in hist] == [5, 10]
-    if trainer.state["best_step"] == 10:  # the best checkpoint holds the EMA, not the raw weights
-        assert all(np.allclose(b, e) for b, e in zip(best, ema))
-        assert not all(np.allclose(b, r) for b, r in zip(best, raw))
+
+
+def _toy_cfg(**kw):
+    return TrainConfig(**{"steps": 4, "val_every": 2, "learning_rate": 0.05, **kw})
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def test_changed_config_refused_on_resume_and_finished_run_keeps_its_config(tmp_path):
+    run = tmp_path / "run"
+    Trainer(_toy_cfg(), run, _toy_task(_loss())).run()
+    saved = (run / "config.yaml").read_text()
+    for change, fields in [({"learning_rate": 0.01}, "learning_rate"), ({"seed": 3, "width": 0.5}, "seed, width"),
+                           ({"cyclegan": CycleGANConfig(pool_size=3)}, "cyclegan.pool_size")]:
+        with pytest.raises(ConfigError, match=f": {fields} differ"):
+            Trainer(_toy_cfg(steps=6, **change), run, _toy_task(_loss())).run()
+        assert (run / "config.yaml").read_text() == saved  # untouched by the refused run
+    # finished: an allowed change (validation length) trains nothing and keeps the run's config
+    again = Trainer(_toy_cfg(val_max_batches=3), run, _toy_task(_loss()))
+    again.run()
+    assert not again.trained and (run / "config.yaml").read_text() == saved
+    # more steps: resumes and records the new length
+    longer = Trainer(_toy_cfg(steps=6), run, _toy_task(_loss()))
+    longer.run()
+    assert longer.trained and [h["step"] for h in json.loads((run / "history.json").read_text())] == [2, 4, 6]
+    assert load(TrainConfig, run / "config.yaml").steps == 6
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 0), ("steps", -4), ("val_every", 0), ("learning_rate", 0.0),
+                                         ("learning_rate", -1e-3), ("learning_rate", float("nan"))])
+def test_non_positive_training_fields_are_config_errors(tmp_path, field, value):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=f"^{field} must be > 0"):
+        Trainer(_toy_cfg(**{field: value}), run, _toy_task(_loss())).run()
+    assert not run.exists()  # refused before any work
+
+
+def test_cli_refuses_zero_batch_size_before_reading_data(tmp_path, capsys):
+    from mammodg.cli import main
+
+    rc = main(["train", "--stage", "classifier", "--set", f"data_dir={tmp_path / 'none'}", "--set",
+               f"run_dir={tmp_path / 'run'}", "--set", "batch_size=0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "batch_size must be > 0" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name,damage", [("state.json", b'{"step": 2, "hist'), ("state.json", b"[1, 2]"),
+                                         ("state.json", b"\xff\xfe"), ("last.keras", None)])
+def test_damaged_run_files_are_one_line_errors_naming_the_file(tmp_path, name, damage):
+    run = tmp_path / "run"
+    Trainer(_toy_cfg(steps=2), run, _toy_task(_loss())).run()
+    path = run / name
+    path.write_bytes(damage if damage is not None else path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(RunFolderError) as e:
+        Trainer(_toy_cfg(steps=4), run, _toy_task(_loss())).run()
+    msg = str(e.value)
+    assert str(path) in msg and "delete" in msg and "restart" in msg and "\n" not in msg
+    assert isinstance(e.value, ValueError)  # the CLI reports it in one line with exit status 2

@@ -25,7 +25,8 @@ from keras import layers, ops
 
 from mammodg.models import register
 
-__all__ = ["ReflectionPadding2D", "resnet_generator", "patchgan_discriminator"]
+__all__ = ["ReflectionPadding2D", "resnet_generator", "patchgan_discriminator", "pool_query", "ImagePool",
+           "LinearDecay", "CycleGAN"]
 
 
 @keras.saving.register_keras_serializable(package="mammodg")
@@ -120,3 +121,187 @@ def patchgan_discriminator(filters: int = 64, channels: int = 1, name: str = "di
     x = layers.ZeroPadding2D(1, name="out_pad")(x)
     out = layers.Conv2D(1, 4, kernel_initializer=_init(), name="out_conv")(x)
     return keras.Model(inp, out, name=name)
+
+
+# ------------------------------------------------------------------------------------------- training
+def pool_query(buffer, count, images, uniforms, slots):
+    """The image pool rule (Shrivastava et al. 2017), one image at a time, as a pure function.
+
+    While fewer than ``size = len(buffer)`` images are stored (``count``), each image is stored and
+    returned as is; afterwards, when its ``uniforms[i] < 0.5``, it is swapped for the stored image
+    ``slots[i]`` (the stored one is returned, the new one takes its place), else returned as is.
+    Returns ``(returned images, new buffer, new count)``; the random draws come from the caller.
+    """
+    size = ops.shape(buffer)[0]
+    out = []
+    for i in range(images.shape[0]):  # the batch size is static inside train_step
+        image = images[i]
+        filling = count < size
+        swap = ops.logical_and(ops.logical_not(filling), uniforms[i] < 0.5)
+        slot = ops.where(filling, ops.minimum(count, size - 1), slots[i])
+        stored = ops.take(buffer, slot, axis=0)
+        out.append(ops.where(swap, stored, image))
+        new = ops.where(ops.logical_or(filling, swap), image, stored)
+        buffer = ops.scatter_update(buffer, ops.reshape(slot, (1, 1)), new[None])
+        count = ops.minimum(count + 1, size)
+    return ops.stack(out), buffer, count
+
+
+@keras.saving.register_keras_serializable(package="mammodg")
+class ImagePool(layers.Layer):
+    """The CycleGAN image buffer: discriminators also see past fakes (rule: :func:`pool_query`).
+
+    ``size`` past images of ``image_shape`` live in a non-trainable variable with their ``count``, so the
+    pool works inside ``train_step`` and is saved and restored with the model; the draws come from a
+    seeded ``SeedGenerator`` (deterministic for ``seed``, continued on resume). ``size`` 0: no pool.
+    """
+
+    def __init__(self, size: int = 50, image_shape=(256, 256, 1), seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.size, self.image_shape, self.seed = int(size), tuple(int(d) for d in image_shape), int(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.images = self.add_weight(shape=(max(self.size, 1), *self.image_shape), initializer="zeros",
+                                      trainable=False, name="images")
+        self.count = self.add_weight(shape=(), dtype="int32", initializer="zeros", trainable=False, name="count")
+        self.built = True
+
+    def call(self, images):
+        if self.size == 0:
+            return images
+        n = images.shape[0]
+        uniforms = keras.random.uniform((n,), seed=self.seed_generator)
+        slots = keras.random.randint((n,), 0, self.size, seed=self.seed_generator)
+        out, buffer, count = pool_query(self.images.value, self.count.value, images, uniforms, slots)
+        self.images.assign(buffer)
+        self.count.assign(count)
+        return out
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        store["rng"] = ops.convert_to_numpy(self.seed_generator.state)  # Keras does not save seed states
+
+    def load_own_variables(self, store):
+        self.seed_generator.state.assign(store["rng"])
+        super().load_own_variables({k: store[k] for k in store.keys() if k != "rng"})
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size, "image_shape": list(self.image_shape), "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="mammodg")
+class LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Learning rate ``learning_rate`` until ``decay_start * steps``, then linearly down to 0 at ``steps``."""
+
+    def __init__(self, learning_rate: float, steps: int, decay_start: float):
+        self.learning_rate, self.steps, self.decay_start = float(learning_rate), int(steps), float(decay_start)
+
+    def __call__(self, step):
+        start = self.decay_start * self.steps
+        frac = (self.steps - ops.cast(step, "float32")) / max(self.steps - start, 1.0)
+        return self.learning_rate * ops.clip(frac, 0.0, 1.0)
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "steps": self.steps, "decay_start": self.decay_start}
+
+
+@keras.saving.register_keras_serializable(package="mammodg")
+class CycleGAN(keras.Model):
+    """One style pair (A, B) of MSVCL v2 section III-B1: generators ``g_ab``, ``g_ba``, discriminators
+    ``d_a`` (real A vs ``g_ba(B)``) and ``d_b``, one image pool per discriminator.
+
+    ``compile(g_optimizer, d_optimizer)``: one optimizer for both generators, one for both
+    discriminators. ``fit`` on batches ``(real_a, real_b)`` in [-1, 1]: each step is one generator update
+    (least-squares adversarial + ``cycle_weight`` x L1 cycle + ``identity_weight`` x L1 identity) then
+    one discriminator update on the pooled fakes. Logs the period means of every loss, and ``loss``, the
+    sum of the generator and discriminator objectives (what the NaN watch reads). ``call`` is ``g_ab``.
+    ``identity_weight`` here is absolute (the stage passes ``identity_weight * cycle_weight``).
+    """
+
+    def __init__(self, crop_size: int = 256, generator_filters: int = 64, generator_blocks: int = 9,
+                 discriminator_filters: int = 64, pool_size: int = 50, cycle_weight: float = 10.0,
+                 identity_weight: float = 5.0, seed: int = 0, channels: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.settings = dict(crop_size=int(crop_size), generator_filters=int(generator_filters),
+                             generator_blocks=int(generator_blocks), discriminator_filters=int(discriminator_filters),
+                             pool_size=int(pool_size), cycle_weight=float(cycle_weight),
+                             identity_weight=float(identity_weight), seed=int(seed), channels=int(channels))
+        gen = dict(filters=generator_filters, n_blocks=generator_blocks, channels=channels)
+        self.g_ab, self.g_ba = resnet_generator(**gen, name="G_AB"), resnet_generator(**gen, name="G_BA")
+        self.d_a = patchgan_discriminator(discriminator_filters, channels, name="D_A")
+        self.d_b = patchgan_discriminator(discriminator_filters, channels, name="D_B")
+        shape = (crop_size, crop_size, channels)
+        self.pool_a = ImagePool(pool_size, shape, seed, name="pool_a")
+        self.pool_b = ImagePool(pool_size, shape, seed + 1, name="pool_b")
+        self.cycle_weight, self.identity_weight = float(cycle_weight), float(identity_weight)
+        self.trackers = {k: keras.metrics.Mean(name=k) for k in ("loss", "g_total", "g_adv", "cycle", "identity",
+                                                                  "d_a", "d_b")}
+        self.d_optimizer = None
+        self.built = True
+
+    @property
+    def generator_variables(self):
+        return self.g_ab.trainable_variables + self.g_ba.trainable_variables
+
+    @property
+    def discriminator_variables(self):
+        return self.d_a.trainable_variables + self.d_b.trainable_variables
+
+    def call(self, images, training=False):
+        return self.g_ab(images, training=training)
+
+    def compile(self, g_optimizer, d_optimizer, **kwargs):
+        """``g_optimizer`` (the model's ``optimizer``) updates both generators, ``d_optimizer`` both discriminators."""
+        super().compile(optimizer=g_optimizer, **kwargs)
+        self.d_optimizer = d_optimizer
+        self.optimizer.build(self.generator_variables)  # variables exist before weights are loaded
+        self.d_optimizer.build(self.discriminator_variables)
+
+    def get_compile_config(self):
+        return {"g_optimizer": keras.saving.serialize_keras_object(self.optimizer),
+                "d_optimizer": keras.saving.serialize_keras_object(self.d_optimizer)}
+
+    def compile_from_config(self, config):
+        self.compile(**{k: keras.saving.deserialize_keras_object(v) for k, v in config.items()})
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def losses_of(self, real_a, real_b, training=True):
+        """Generator objective and its parts, and the fakes ``(fake_a, fake_b)`` it was computed on."""
+        from mammodg.losses import l1_loss, lsgan_generator_loss
+
+        fake_b, fake_a = self.g_ab(real_a, training=training), self.g_ba(real_b, training=training)
+        adv = lsgan_generator_loss(self.d_b(fake_b)) + lsgan_generator_loss(self.d_a(fake_a))
+        cycle = (l1_loss(self.g_ba(fake_b, training=training), real_a)
+                 + l1_loss(self.g_ab(fake_a, training=training), real_b))
+        identity = ops.zeros(())
+        if self.identity_weight > 0:
+            identity = (l1_loss(self.g_ab(real_b, training=training), real_b)
+                        + l1_loss(self.g_ba(real_a, training=training), real_a))
+        total = adv + self.cycle_weight * cycle + self.identity_weight * identity
+        return {"g_total": total, "g_adv": adv, "cycle": cycle, "identity": identity}, (fake_a, fake_b)
+
+    def train_step(self, data):
+        import tensorflow as tf  # the TensorFlow backend's gradient tape
+
+        from mammodg.losses import lsgan_discriminator_loss
+
+        real_a, real_b = data
+        with tf.GradientTape() as tape:
+            g, (fake_a, fake_b) = self.losses_of(real_a, real_b)
+        grads = tape.gradient(g["g_total"], self.generator_variables)
+        self.optimizer.apply_gradients(zip(grads, self.generator_variables))
+        fake_a, fake_b = self.pool_a(ops.stop_gradient(fake_a)), self.pool_b(ops.stop_gradient(fake_b))
+        with tf.GradientTape() as tape:
+            d = {"d_a": lsgan_discriminator_loss(self.d_a(real_a, training=True), self.d_a(fake_a, training=True)),
+                 "d_b": lsgan_discriminator_loss(self.d_b(real_b, training=True), self.d_b(fake_b, training=True))}
+            d_total = d["d_a"] + d["d_b"]
+        grads = tape.gradient(d_total, self.discriminator_variables)
+        self.d_optimizer.apply_gradients(zip(grads, self.discriminator_variables))
+        for k, v in {**g, **d, "loss": g["g_total"] + d_total}.items():
+            self.trackers[k].update_state(v)
+        return {k: m.result() for k, m in self.trackers.items()}
+
+    def get_config(self):
+        return {**super().get_config(), **self.settings}

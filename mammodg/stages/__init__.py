@@ -20,6 +20,9 @@ def run(stage: str, cfg):
     if stage not in STAGE_MODULES:
         raise ValueError(f"unknown stage {stage!r}; known stages: {sorted(STAGE_MODULES)}")
     module = importlib.import_module(f"mammodg.stages.{STAGE_MODULES[stage]}")
+    from mammodg.train import check_config
+
+    check_config(cfg)  # the trainer's fields, before a stage reads any data
     return module.run(cfg)
 
 

@@ -1,51 +1,38 @@
 """``--stage cyclegan``: vendor-style transfer between every pair of seen styles (MSVCL v2 section III-B1).
 
-"Given M seen vendor-style domains, we train C(M, 2) generators" -- here one CycleGAN (Zhu et al.
-2017) per unordered pair (A, B), which gives both directions A->B and B->A, so each training image can
-be rendered in the M-1 other styles; the contrastive stage blends two renderings with eq. (2),
-``A * (1 - alpha) + B * alpha`` (see :class:`StyleTransfer`).
-
-Training, section IV-B and the CycleGAN paper: ResNet generators and 70x70 PatchGAN discriminators
-(:mod:`mammodg.models.cyclegan`); random ``crop_size`` crops (512x512 in the paper) that contain breast
-tissue; least-squares (MSE) adversarial loss, L1 cycle loss weighted by ``cycle_weight`` and L1
-identity loss weighted by ``identity_weight * cycle_weight``; Adam (``learning_rate``, ``beta_1``), one
-for both generators and one for both discriminators, constant then linearly decayed to 0 from
-``decay_start * steps`` to ``steps``; each discriminator sees a 50 % mix of current and past fakes from an
-:class:`ImagePool` of ``pool_size`` images. Images are in [-1, 1]: ``2 v - 1`` inside the breast, -1
-outside.
+"Given M seen vendor-style domains, we train C(M, 2) generators": one CycleGAN
+(:class:`mammodg.models.cyclegan.CycleGAN`, losses in :mod:`mammodg.losses`) per unordered pair (A, B),
+giving both directions, so each image can be rendered in the M-1 other styles. Each pair is one run of
+the shared trainer in ``<run_dir>/pair_<A>__<B>/`` (resume, finished-pair skip, NaN stop, TensorBoard,
+``state.json``); inputs are random ``crop_size`` breast crops (:mod:`mammodg.augment.gan`); Adam
+(``learning_rate``, ``beta_1``) for the generators and for the discriminators, constant then linearly
+decayed to 0 from ``decay_start * steps``; no EMA, and the exported generators are the last ones.
+Validation: the cycle and identity losses on fixed crops of each style's first validation record.
 
 Run folder (``run_dir``)::
 
     config.yaml                     the resolved configuration
-    <pair folder>/ckpt/             tf.train.Checkpoint (4 models, 2 optimizers, step), every val_every steps
-    <pair folder>/state.json        step, done, loss history
+    pair_<A>__<B>/                  the trainer's run folder of one pair (last.keras, state.json, ...)
     generators/<src>__to__<dst>.keras
     saved_model/<src>__to__<dst>/   SavedModel of the same generator (when ``export``)
     styles.json                     styles, pairs, and the generator files of every ordered (src, dst)
     style_grid.png                  Figure 4 of the paper: transfers between styles and a blending row
 
-Re-running the same command resumes an interrupted pair from its checkpoint (the image pools restart
-empty) and skips finished pairs; a NaN or infinite loss stops with an error naming the pair and step.
-``seed`` fixes the initial weights, the crops, the sample order and the pools' choices of every pair.
+``seed + k`` seeds pair k: its initial weights, crops, sample order and image pools.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
-import json
-import math
 import os
 import re
 import shutil
-import time
 from pathlib import Path
-
-import numpy as np
 
 from mammodg.config import ConfigError, TrainConfig, save
 from mammodg.records.styles import STYLES_JSON, StyleTransfer
-from mammodg.train import TrainingError, atomic_json
-
-BLEND_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # eq. (2): 0.0, 0.1, ..., 1.0
+from mammodg.train import Task, Trainer, TrainingError, atomic_json, check_config
 
 
 def safe_name(style: str) -> str:
@@ -76,195 +63,62 @@ def seen_styles(cfg: TrainConfig, index: dict) -> list[str]:
 
 def _check(cfg: TrainConfig) -> None:
     c = cfg.cyclegan
+    check_config(cfg)
     if c.crop_size % 4 or c.crop_size < 24:
         raise ConfigError(f"cyclegan.crop_size must be a multiple of 4 and >= 24 (generator strides, PatchGAN), "
                           f"got {c.crop_size}")
-    if min(cfg.batch_size, cfg.steps, cfg.val_every, c.generator_filters, c.discriminator_filters) < 1:
-        raise ConfigError("batch_size, steps, val_every, cyclegan.generator_filters and "
-                          "cyclegan.discriminator_filters must be >= 1")
+    if min(c.generator_filters, c.discriminator_filters) < 1:
+        raise ConfigError("cyclegan.generator_filters and cyclegan.discriminator_filters must be >= 1")
     if not 0.0 <= c.decay_start <= 1.0:
         raise ConfigError(f"cyclegan.decay_start must be in [0, 1] (a fraction of steps), got {c.decay_start}")
     if c.pool_size < 0 or c.cycle_weight < 0 or c.identity_weight < 0 or c.generator_blocks < 0:
         raise ConfigError("cyclegan.pool_size, cycle_weight, identity_weight and generator_blocks must be >= 0")
 
 
-# ----------------------------------------------------------------------------------------------- data
-def to_unit_range(stored):
-    """Stored uint16 image -> (float32 in [-1, 1], breast mask): ``2 v - 1`` inside the breast, -1 outside."""
-    import tensorflow as tf
+def _files(cfg: TrainConfig, index: dict, style: str) -> tuple[list[str], int]:
+    """A style's validation records (its train records when the validation split has none)."""
+    from mammodg.augment.gan import style_files
 
-    x = tf.cast(stored, tf.float32)
-    inside = x > 0
-    return tf.where(inside, (x - 1.0) / 65534.0 * 2.0 - 1.0, -1.0), inside
+    val = style_files(index, cfg.data_dir, cfg.val_split, style) if cfg.val_split in index["splits"] else ([], 0)
+    return val if val[0] else style_files(index, cfg.data_dir, cfg.train_split, style)
 
 
-def breast_crop(stored, crop_size: int, seed):
-    """A random ``crop_size`` square of a stored image, centred on a random breast pixel (clipped to the
-    image, which is padded with -1 when smaller than the crop); ``seed`` is a stateless seed (2 ints)."""
-    import tensorflow as tf
-
-    img, inside = to_unit_range(stored)
-    h, w = tf.shape(img)[0], tf.shape(img)[1]
-    img = tf.pad(img + 1.0, [[0, tf.maximum(crop_size - h, 0)], [0, tf.maximum(crop_size - w, 0)], [0, 0]]) - 1.0
-    h, w = tf.shape(img)[0], tf.shape(img)[1]
-    breast = tf.cast(tf.where(inside[..., 0]), tf.int32)
-    n = tf.shape(breast)[0]
-    candidates = tf.concat([breast, [[h // 2, w // 2]]], 0)  # the image centre if there is no breast pixel
-    centre = candidates[tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int32)]
-    top = tf.clip_by_value(centre[0] - crop_size // 2, 0, h - crop_size)
-    left = tf.clip_by_value(centre[1] - crop_size // 2, 0, w - crop_size)
-    return tf.ensure_shape(img[top:top + crop_size, left:left + crop_size], [crop_size, crop_size, 1])
-
-
-def style_files(index: dict, data_dir, split: str, style: str) -> tuple[list[str], int]:
-    """Shards and record count of one data segment (all labels) in a split."""
-    from mammodg.records.reader import streams
-
-    by_key = streams(index, data_dir, split)
-    keys = sorted(k for k in by_key if k[0] == style)
-    return [p for k in keys for p in by_key[k][0]], sum(by_key[k][1] for k in keys)
-
-
-def style_batches(cfg: TrainConfig, index: dict, style: str, seed: int, start_step: int = 0):
-    """Infinite, shuffled batches ``(batch_size, crop, crop, 1)`` in [-1, 1] of one style's train split."""
-    import tensorflow as tf
-
-    from mammodg.records.schema import parse
-    from mammodg.sampling.streams import Plan, serialized_stream
-
-    files, count = style_files(index, cfg.data_dir, cfg.train_split, style)
-    plan = Plan(keys=[(style, "*")], files=[files], counts=[count], choices=np.zeros(1, np.int32))
-    start = start_step * cfg.batch_size
-    ds = serialized_stream(plan, seed=seed, start=start, shuffle_budget=max(2, cfg.shuffle_budget // 2))
-    crop = cfg.cyclegan.crop_size
-    ds = ds.enumerate(start).map(
-        lambda i, raw: breast_crop(parse(raw)["image"], crop, tf.stack([tf.constant(seed, tf.int64), i])),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(cfg.batch_size, drop_remainder=True)
-
-
-# ------------------------------------------------------------------------------------------- training
-class ImagePool:
-    """The CycleGAN image buffer (Shrivastava et al. 2017): discriminators also see past fakes.
-
-    While fewer than ``size`` images are stored, every queried image is stored and returned as is;
-    afterwards each queried image is, with probability 1/2, swapped for a random stored image (the
-    stored one is returned, the new one takes its place), else returned as is. ``size`` 0: no pool.
-    """
-
-    def __init__(self, size: int, seed: int = 0):
-        self.size = int(size)
-        self.images: list[np.ndarray] = []
-        self.rng = np.random.default_rng(seed)
-
-    def query(self, images: np.ndarray) -> np.ndarray:
-        if self.size == 0:
-            return images
-        out = []
-        for image in images:
-            if len(self.images) < self.size:
-                self.images.append(image.copy())
-                out.append(image)
-            elif self.rng.random() < 0.5:
-                j = int(self.rng.integers(self.size))
-                out.append(self.images[j])
-                self.images[j] = image.copy()
-            else:
-                out.append(image)
-        return np.stack(out)
-
-
-def linear_decay(learning_rate: float, steps: int, decay_start: float):
-    """Learning rate ``learning_rate`` until ``decay_start * steps``, then linearly down to 0 at ``steps``."""
+def pair_task(cfg: TrainConfig, index: dict, a: str, b: str) -> Task:
+    """The trainer's task for the CycleGAN of styles ``a`` and ``b`` (seeded by ``cfg.seed``)."""
     import keras
+    import tensorflow as tf
 
-    class LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
-        def __call__(self, step):
-            start = decay_start * steps
-            frac = (steps - keras.ops.cast(step, "float32")) / max(steps - start, 1.0)
-            return learning_rate * keras.ops.clip(frac, 0.0, 1.0)
+    from mammodg.augment.gan import breast_crop, style_batches, style_files
+    from mammodg.models.cyclegan import CycleGAN, LinearDecay
+    from mammodg.records.schema import parse
 
-        def get_config(self):
-            return {"learning_rate": learning_rate, "steps": steps, "decay_start": decay_start}
+    c = cfg.cyclegan
+    crops = dict(batch_size=cfg.batch_size, crop_size=c.crop_size, shuffle_budget=cfg.shuffle_budget // 2)
 
-    return LinearDecay()
+    def batches(start):
+        streams = [style_batches(*style_files(index, cfg.data_dir, cfg.train_split, s), seed=2 * cfg.seed + i,
+                                 start_step=start, **crops) for i, s in enumerate((a, b))]
+        return tf.data.Dataset.zip(tuple(streams)).prefetch(2)
 
+    @functools.cache
+    def val_crops(style):  # fixed crops of the style's first validation record, made once
+        stored = parse(next(iter(tf.data.TFRecordDataset(_files(cfg, index, style)[0][:1]))))["image"]
+        seeds = [tf.constant([0, i], tf.int64) for i in range(cfg.batch_size)]
+        return tf.stack([breast_crop(stored, c.crop_size, seed) for seed in seeds])
 
-class CycleGAN:
-    """One style pair (A, B): generators ``g_ab``, ``g_ba``, discriminators ``d_a`` (real A vs ``g_ba(B)``)
-    and ``d_b``, one Adam for both generators and one for both discriminators, one image pool per
-    discriminator. Built from ``cfg`` (``learning_rate``, ``steps`` and the ``cyclegan`` section)."""
+    def validate(model):
+        losses = {k: float(v) for k, v in model.losses_of(val_crops(a), val_crops(b), training=False)[0].items()}
+        return {"monitor": losses["cycle"], "global": losses}
 
-    def __init__(self, cfg: TrainConfig, seed: int = 0):
-        import keras
-        import tensorflow as tf
+    def compile_(model):
+        lr = LinearDecay(cfg.learning_rate, cfg.steps, c.decay_start)
+        model.compile(keras.optimizers.Adam(lr, beta_1=c.beta_1), keras.optimizers.Adam(lr, beta_1=c.beta_1))
 
-        from mammodg import models
-
-        c = cfg.cyclegan
-        keras.utils.set_random_seed(seed)
-        gen = dict(filters=c.generator_filters, n_blocks=c.generator_blocks)
-        generator, discriminator = models.get("cyclegan_generator"), models.get("patchgan_discriminator")
-        self.g_ab, self.g_ba = generator(**gen, name="G_AB"), generator(**gen, name="G_BA")
-        self.d_a = discriminator(filters=c.discriminator_filters, name="D_A")
-        self.d_b = discriminator(filters=c.discriminator_filters, name="D_B")
-        self.g_vars = self.g_ab.trainable_variables + self.g_ba.trainable_variables
-        self.d_vars = self.d_a.trainable_variables + self.d_b.trainable_variables
-        lr = linear_decay(cfg.learning_rate, cfg.steps, c.decay_start)
-        self.g_opt = keras.optimizers.Adam(lr, beta_1=c.beta_1)
-        self.d_opt = keras.optimizers.Adam(lr, beta_1=c.beta_1)
-        self.g_opt.build(self.g_vars)  # variables exist before a checkpoint restore
-        self.d_opt.build(self.d_vars)
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.pool_a, self.pool_b = ImagePool(c.pool_size, seed), ImagePool(c.pool_size, seed + 1)
-        self.cycle_weight = float(c.cycle_weight)
-        self.identity_weight = float(c.identity_weight) * float(c.cycle_weight)
-        self._g_step = tf.function(self._generator_step)
-        self._d_step = tf.function(self._discriminator_step)
-
-    def checkpoint(self):
-        import tensorflow as tf
-
-        return tf.train.Checkpoint(g_ab=self.g_ab, g_ba=self.g_ba, d_a=self.d_a, d_b=self.d_b,
-                                   g_opt=self.g_opt, d_opt=self.d_opt, step=self.step)
-
-    def _generator_step(self, real_a, real_b):
-        import tensorflow as tf
-
-        def l1(x, y):
-            return tf.reduce_mean(tf.abs(x - y))
-
-        with tf.GradientTape() as tape:
-            fake_b, fake_a = self.g_ab(real_a, training=True), self.g_ba(real_b, training=True)
-            adv = tf.reduce_mean(tf.square(self.d_b(fake_b) - 1.0)) + tf.reduce_mean(tf.square(self.d_a(fake_a) - 1.0))
-            cycle = l1(self.g_ba(fake_b, training=True), real_a) + l1(self.g_ab(fake_a, training=True), real_b)
-            total = adv + self.cycle_weight * cycle
-            identity = tf.constant(0.0)
-            if self.identity_weight > 0:
-                identity = l1(self.g_ab(real_b, training=True), real_b) + l1(self.g_ba(real_a, training=True), real_a)
-                total += self.identity_weight * identity
-        self.g_opt.apply_gradients(zip(tape.gradient(total, self.g_vars), self.g_vars))
-        return fake_a, fake_b, {"g_total": total, "g_adv": adv, "cycle": cycle, "identity": identity}
-
-    def _discriminator_step(self, real_a, real_b, fake_a, fake_b):
-        import tensorflow as tf
-
-        def lsgan(d, real, fake):  # (MSE(D(real), 1) + MSE(D(fake), 0)) / 2
-            real_loss = tf.reduce_mean(tf.square(d(real, training=True) - 1.0))
-            return 0.5 * (real_loss + tf.reduce_mean(tf.square(d(fake, training=True))))
-
-        with tf.GradientTape() as tape:
-            d_a, d_b = lsgan(self.d_a, real_a, fake_a), lsgan(self.d_b, real_b, fake_b)
-            total = d_a + d_b
-        self.d_opt.apply_gradients(zip(tape.gradient(total, self.d_vars), self.d_vars))
-        return {"d_a": d_a, "d_b": d_b}
-
-    def train_step(self, real_a, real_b) -> dict[str, float]:
-        """One generator update then one discriminator update (on pooled fakes); the losses before them."""
-        fake_a, fake_b, g = self._g_step(real_a, real_b)
-        d = self._d_step(real_a, real_b, self.pool_a.query(fake_a.numpy()), self.pool_b.query(fake_b.numpy()))
-        self.step.assign_add(1)
-        return {k: float(v) for k, v in {**g, **d}.items()}
+    return Task(build_model=lambda: CycleGAN(c.crop_size, c.generator_filters, c.generator_blocks,
+                                             c.discriminator_filters, c.pool_size, c.cycle_weight,
+                                             c.identity_weight * c.cycle_weight, seed=cfg.seed),
+                loss=None, batches=batches, validate=validate, learning_rate=cfg.learning_rate,
+                compile=compile_, select_best=False)
 
 
 def _export_generator(model, run_dir: Path, name: str, saved_model: bool) -> None:
@@ -283,121 +137,44 @@ def _export_generator(model, run_dir: Path, name: str, saved_model: bool) -> Non
         os.replace(tmp, out)
 
 
-def train_pair(cfg: TrainConfig, index: dict, a: str, b: str, run_dir: Path, seed: int) -> None:
-    """Train (or resume, or skip when done) the CycleGAN of styles ``a`` and ``b``, then export both generators."""
-    import tensorflow as tf
-
-    folder = run_dir / f"pair_{safe_name(a)}__{safe_name(b)}"
-    folder.mkdir(parents=True, exist_ok=True)
-    state_path = folder / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"step": 0, "done": False, "history": []}
-    if state["done"] and state["step"] >= cfg.steps:
-        print(f"{a} <-> {b}: already trained to step {state['step']}", flush=True)
-        return
-    gan = CycleGAN(cfg, seed)
-    manager = tf.train.CheckpointManager(gan.checkpoint(), str(folder / "ckpt"), max_to_keep=1, checkpoint_name="ckpt")
-    if manager.latest_checkpoint:
-        gan.checkpoint().restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        print(f"{a} <-> {b}: resuming from step {int(gan.step)}", flush=True)
-    start = int(gan.step)
-    data = tf.data.Dataset.zip((style_batches(cfg, index, a, 2 * seed, start),
-                                style_batches(cfg, index, b, 2 * seed + 1, start))).prefetch(2)
-    sums, n, t0 = {}, 0, time.perf_counter()
-    for step, (real_a, real_b) in enumerate(data.take(max(0, cfg.steps - start)), start + 1):
-        losses = gan.train_step(real_a, real_b)
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise TrainingError(f"cyclegan pair {a} <-> {b}: loss became NaN/inf at step {step} ({losses}); last good "
-                                f"checkpoint: {manager.latest_checkpoint}. Lower learning_rate or check the data.")
-        sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
-        n += 1
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            manager.save(checkpoint_number=step)
-            mean = {k: round(v / n, 4) for k, v in sums.items()}
-            ips = 2 * cfg.batch_size * n / (time.perf_counter() - t0)
-            state["step"] = step
-            state["history"].append({"step": step, **mean, "images_per_s": round(ips, 2)})
-            atomic_json(state_path, state)
-            print(f"{a} <-> {b} step {step}/{cfg.steps}: G {mean['g_total']:.3f} (adv {mean['g_adv']:.3f} cycle "
-                  f"{mean['cycle']:.3f} identity {mean['identity']:.3f})  D_A {mean['d_a']:.3f} D_B {mean['d_b']:.3f}"
-                  f"  {ips:.1f} images/s", flush=True)
-            sums, n, t0 = {}, 0, time.perf_counter()
-    _export_generator(gan.g_ab, run_dir, generator_name(a, b), cfg.export)
-    _export_generator(gan.g_ba, run_dir, generator_name(b, a), cfg.export)
-    state.update(step=max(start, cfg.steps), done=True)
-    atomic_json(state_path, state)
-
-
-# -------------------------------------------------------------------------------------------- outputs
-def validation_examples(cfg: TrainConfig, index: dict, styles: list[str]) -> dict:
-    """One image per style, the first record of its validation split (train split if it has none):
-    style -> (image (h, w, 1) float32 in [0, 1], mask (h, w, 1) bool)."""
-    import tensorflow as tf
-
-    from mammodg.records.schema import parse
-
-    out = {}
-    for style in styles:
-        files = style_files(index, cfg.data_dir, cfg.val_split, style)[0] if cfg.val_split in index["splits"] else []
-        files = files or style_files(index, cfg.data_dir, cfg.train_split, style)[0]
-        raw = next(iter(tf.data.TFRecordDataset(files[:1])))
-        stored = parse(raw)["image"].numpy().astype(np.float32)
-        out[style] = (np.where(stored > 0, (stored - 1) / 65534, 0).astype(np.float32), stored > 0)
-    return out
-
-
-def style_grid(transfer: StyleTransfer, examples: dict, path) -> Path:
-    """Figure 4 of the paper: row i = the example of style i and its transfer to every other style
-    (diagonal: the original); last row = eq. (2) blending of the first style's example (style A) with its
-    transfer to the second style (B), alpha = 0.0, 0.1, ..., 1.0."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    styles = transfer.styles
-    m = len(styles)
-    cols = max(m, len(BLEND_ALPHAS))
-    fig = Figure(figsize=(1.6 * cols, 2.3 * (m + 1)), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(m + 1, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-
-    def show(ax, img, title):
-        ax.imshow(img[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
-        ax.set_title(title, fontsize=7)
-
-    for i, src in enumerate(styles):
-        img, mask = examples[src]
-        for j, dst in enumerate(styles):
-            out = transfer.transfer(img[None], mask[None], src, dst)[0]
-            show(axes[i, j], out, f"original\n{src}" if i == j else f"{src}\n-> {dst}")
-    img, mask = examples[styles[0]]
-    style_b = transfer.transfer(img[None], mask[None], styles[0], styles[1])[0]
-    for k, alpha in enumerate(BLEND_ALPHAS):
-        show(axes[m, k], img * (1.0 - alpha) + style_b * alpha, f"blend alpha={alpha:.1f}")
-    path = Path(path)
-    fig.savefig(path)
-    return path
+def train_pair(cfg: TrainConfig, index: dict, a: str, b: str, run_dir: Path, k: int) -> bool:
+    """Train (or resume, or skip when done) pair ``k``, styles ``a`` and ``b``, then export both generators
+    (unless they exist and nothing was trained); whether any step was trained."""
+    pair_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+    print(f"cyclegan pair {a} <-> {b}", flush=True)
+    trainer = Trainer(pair_cfg, run_dir / f"pair_{safe_name(a)}__{safe_name(b)}", pair_task(pair_cfg, index, a, b))
+    try:
+        gan = trainer.run()
+    except TrainingError as e:
+        raise TrainingError(f"cyclegan pair {a} <-> {b}: {e}") from None
+    names = generator_name(a, b), generator_name(b, a)
+    if trainer.trained or not all((run_dir / "generators" / f"{n}.keras").is_file() for n in names):
+        for generator, name in zip((gan.g_ab, gan.g_ba), names):
+            _export_generator(generator, run_dir, name, cfg.export)
+    return trainer.trained
 
 
 def run(cfg: TrainConfig) -> StyleTransfer:
     """Train every pair of seen styles (resuming / skipping), then write styles.json and style_grid.png."""
+    from mammodg.augment.gan import first_image
     from mammodg.records.reader import load_index
+    from mammodg.report import style_grid
 
     _check(cfg)
     index = load_index(cfg.data_dir)
     styles = seen_styles(cfg, index)
     pairs = list(itertools.combinations(styles, 2))
     run_dir = Path(cfg.resolved_run_dir())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save(cfg, run_dir / "config.yaml")
     print(f"cyclegan: {len(styles)} styles {styles} -> {len(pairs)} pairs of {cfg.steps} steps", flush=True)
-    for k, (a, b) in enumerate(pairs):
-        train_pair(cfg, index, a, b, run_dir, seed=cfg.seed + k)
+    trained = [train_pair(cfg, index, a, b, run_dir, k) for k, (a, b) in enumerate(pairs)]
+    if any(trained) or not (run_dir / "config.yaml").is_file():  # a finished run keeps its config
+        save(cfg, run_dir / "config.yaml")
     gens = [{"src": s, "dst": d, "keras": f"generators/{generator_name(s, d)}.keras",
              "saved_model": f"saved_model/{generator_name(s, d)}" if cfg.export else None}
             for s in styles for d in styles if s != d]
     atomic_json(run_dir / STYLES_JSON, {"styles": styles, "pairs": [list(p) for p in pairs], "generators": gens})
     transfer = StyleTransfer.load(run_dir)
-    grid = style_grid(transfer, validation_examples(cfg, index, styles), run_dir / "style_grid.png")
+    examples = {s: first_image(_files(cfg, index, s)[0]) for s in styles}
+    grid = style_grid(transfer, examples, run_dir / "style_grid.png")
     print(f"style grid: {grid}\nrun folder: {run_dir}", flush=True)
     return transfer
