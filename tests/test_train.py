@@ -21,7 +21,7 @@ def _cli(*args, **kw):
 
 
 def _common(data, run):
-    return ["--set", f"data_dir={data}", "--set", f"run_dir={run}", "--set", "width=0.0625",
+    return ["--set", f"data_dir={data}", "--set", f"run_dir={run}", "--set", "vgg.width=0.0625",
             "--set", "batch_size=4", "--set", "val_max_batches=2"]
 
 

@@ -73,7 +73,7 @@ def patch_census(data_dir, split: str) -> dict:
     counts, files, unboxed = np.zeros(len(PATCH_CLASSES), np.int64), [[] for _ in PATCH_CLASSES], 0
     for path in sorted(all_shards(load_index(data_dir), data_dir, split)):
         here = np.zeros(len(PATCH_CLASSES), np.int64)
-        for raw in tf.data.TFRecordDataset(path).batch(256):
+        for raw in tf.data.TFRecordDataset(path).batch(64):
             ex = tf.io.parse_example(raw, spec)
             labels = ex["label"].numpy()
             names = ex["boxes/lesion_class"]
