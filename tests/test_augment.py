@@ -439,10 +439,12 @@ def _same(a, b):
     return all(np.array_equal(x, y) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True))
 
 
-def test_patch_validation_is_fixed_and_augmentation_touches_training_only(tiny_records, capsys):
+def test_patch_validation_is_fixed_and_augmentation_touches_training_only(unboxed_records, capsys):
     from mammodg.config import TrainConfig
     from mammodg.stages.patch import patch_batches, validation_patches
 
+    tiny_records, _ = unboxed_records
+    _, unboxed, _ = _reference_census(tiny_records, "train")
     on = TrainConfig(stage="patch", data_dir=str(tiny_records), batch_size=8, seed=2)
     on.patch.patch_size = 16
     off = TrainConfig(stage="patch", data_dir=str(tiny_records), batch_size=8, seed=2)
@@ -454,7 +456,7 @@ def test_patch_validation_is_fixed_and_augmentation_touches_training_only(tiny_r
     train_on, train_off = _batches(patch_batches(on), 3), _batches(patch_batches(off), 3)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(train_on, train_off))  # same samples and classes
     assert all(not np.allclose(a[0], b[0]) for a, b in zip(train_on, train_off))  # augmented patches
-    assert "label-1 image(s) without boxes give no patch" in capsys.readouterr().out
+    assert f"{unboxed} label-1 image(s) without boxes give no patch" in capsys.readouterr().out  # the run log counts them
 
 
 def test_classifier_augmentation_touches_training_only(tiny_records):
