@@ -25,10 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/build_tfrecords.py
-	$(PY) benchmarks/sampling_pattern.py
-	$(PY) benchmarks/pipeline.py
-	$(PY) benchmarks/contrastive_pipeline.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf demo_run runs .pytest_cache benchmarks/results

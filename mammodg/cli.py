@@ -249,12 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         quiet_tensorflow()
     from mammodg.config import ConfigError
     from mammodg.io.manifest import ManifestError
+    from mammodg.train import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ManifestError, ValueError, FileNotFoundError) as e:  # bad input: named, nothing run
         print(f"mammodg {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:  # a run stopped (NaN loss, damaged shard): the message names the step / file
+        print(f"mammodg {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from mammodg.io.atomic import atomic_path, atomic_write_json
 from mammodg.config import ConfigError, TrainConfig, from_dict, save, to_dict
 
 # Config fields a resumed run may change: how long it trains, and what does not touch the model, the
@@ -89,13 +90,6 @@ def distribution_strategy():
 
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-
-
-def atomic_json(path: Path, data) -> None:
-    """Write JSON through a temporary name renamed into place (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _callbacks(trainer, ema: bool):
@@ -159,8 +153,8 @@ class Trainer:
         monitor = scores["monitor"]
         improved = not self.task.select_best or self.state["best"] is None or monitor < self.state["best"]
         if improved:
-            model.save_weights(self.run_dir / ".best.weights.h5")
-            os.replace(self.run_dir / ".best.weights.h5", self.run_dir / "best.weights.h5")
+            with atomic_path(self.run_dir / "best.weights.h5", suffix=".weights.h5") as tmp:
+                model.save_weights(tmp)
         train = {k: float(v) for k, v in logs.items() if k != "loss"}
         entry = {"step": step, "train_loss": float(logs.get("loss", float("nan"))),
                  **({"train": train} if train else {}), **scores, "steps_per_s": round(self.cfg.val_every / max(train_s, 1e-9), 3),
@@ -182,8 +176,8 @@ class Trainer:
         self.writer.flush()
         self.state["step"] = step
         os.replace(self.run_dir / ".last.keras", self.ckpt)
-        atomic_json(self.state_path, self.state)
-        atomic_json(self.run_dir / "history.json", self.state["history"])
+        atomic_write_json(self.state_path, self.state)
+        atomic_write_json(self.run_dir / "history.json", self.state["history"])
         line = (f"step {step}/{self.cfg.steps}: loss {entry['train_loss']:.4f}  val monitor {monitor:.4f}"
                 f"{'  (best)' if improved and self.task.select_best else ''}  {entry['steps_per_s']:.2f} steps/s")
         if self.bar is not None:
@@ -290,4 +284,4 @@ class Trainer:
             self.bar.close()
             self.bar = None
         self.state["done"] = True
-        atomic_json(self.state_path, self.state)
+        atomic_write_json(self.state_path, self.state)

@@ -13,6 +13,7 @@ from mammodg.cli import main
 from mammodg.config import CycleGANConfig, TrainConfig
 from mammodg.augment.gan import breast_crop, style_batches, style_files, to_unit_range
 from mammodg.models.cyclegan import CycleGAN, ImagePool, LinearDecay, patchgan_discriminator, pool_query, resnet_generator
+from mammodg.preprocess.stored import from_stored, to_stored
 from mammodg.records.styles import StyleTransfer
 from mammodg.train import TrainingError
 
@@ -258,15 +259,18 @@ def test_stage_end_to_end_resume_and_transfer(tiny_records, tmp_path, capsys):
     assert (run / "style_grid.png").stat().st_size > 5000
 
     x = _smooth((1, 64, 48, 1), 2)
-    gen = keras.models.load_model(keras_file)
-    saved = tf.saved_model.load(str(run / info["generators"][0]["saved_model"]))  # keep a reference while serving
-    served = saved.serve(tf.constant(x))
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(gen(x)), served.numpy(), atol=1e-5)
-
     st = StyleTransfer.load(run)
     assert st.styles == [A, B]
     images = (x[:, :62, :46] + 1) / 2  # sides not multiples of 4
     masks = images > 0.3
+    # the exported SavedModel (export contract: stored uint16 in) equals the Keras generator's transfer
+    g0 = info["generators"][0]
+    saved = tf.saved_model.load(str(run / g0["saved_model"]))  # keep a reference while serving
+    stored = to_stored(images[0, ..., 0], masks[0, ..., 0])[None, ..., None]
+    served = saved.signatures["serve_images"](images=tf.constant(stored))["styled_image_float"].numpy()
+    unit, mask = from_stored(stored)
+    want = st.transfer(unit, mask, g0["src"], g0["dst"])
+    np.testing.assert_allclose(served, want, atol=1e-5)
     y = st.transfer(np.repeat(images, 3, 0), np.repeat(masks, 3, 0), A, B)
     assert y.shape == (3, 62, 46, 1) and y.dtype == np.float32
     assert y.min() >= 0 and y.max() <= 1 and np.all(y[~np.repeat(masks, 3, 0)] == 0)

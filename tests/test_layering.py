@@ -15,9 +15,9 @@ LAYERS = [
     {"models", "losses", "metrics", "optimizers", "report"},
     {"records"},
     {"sampling", "augment"},
-    {"train"},
+    {"train", "export"},  # export: the SavedModel contract, called by the stages at the end of training
     {"stages"},
-    {"evaluate", "export", "demo", "cli", "__main__"},
+    {"evaluate", "demo", "cli", "__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 ROOT = Path(mammodg.__file__).parent

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import mammodg.models  # noqa: F401  (registers the custom layers for load_model)
-from mammodg.config import ConfigError, CycleGANConfig, TrainConfig, load
+from mammodg.config import ConfigError, CycleGANConfig, TrainConfig, VGGConfig, load
 from mammodg.train import RunFolderError, Task, Trainer, TrainingError
 
 
@@ -148,7 +148,7 @@ def test_changed_config_refused_on_resume_and_finished_run_keeps_its_config(tmp_
     run = tmp_path / "run"
     Trainer(_toy_cfg(), run, _toy_task(_loss())).run()
     saved = (run / "config.yaml").read_text()
-    for change, fields in [({"learning_rate": 0.01}, "learning_rate"), ({"seed": 3, "width": 0.5}, "seed, width"),
+    for change, fields in [({"learning_rate": 0.01}, "learning_rate"), ({"seed": 3, "vgg": VGGConfig(width=0.5)}, "seed, vgg.width"),
                            ({"cyclegan": CycleGANConfig(pool_size=3)}, "cyclegan.pool_size")]:
         with pytest.raises(ConfigError, match=f": {fields} differ"):
             Trainer(_toy_cfg(steps=6, **change), run, _toy_task(_loss())).run()
@@ -194,3 +194,39 @@ def test_damaged_run_files_are_one_line_errors_naming_the_file(tmp_path, name, d
     msg = str(e.value)
     assert str(path) in msg and "delete" in msg and "restart" in msg and "\n" not in msg
     assert isinstance(e.value, ValueError)  # the CLI reports it in one line with exit status 2
+
+
+def test_damaged_shards_stop_training_with_the_shard_named(vgg_records, tmp_path):
+    """A shortened shard is caught by the quick verify before any training (exit 2, the shard named); a
+    corrupted byte inside a record (same length, CRC mismatch) stops the run with exit 1 and one line
+    pointing at `mammodg verify`, which names the shard."""
+    import shutil
+
+    from mammodg.records.reader import load_index
+
+    def damaged(name, damage):
+        data = tmp_path / name
+        shutil.copytree(vgg_records, data)
+        index = load_index(data)
+        shard = next(data / s["path"] for segs in index["splits"]["train"].values() for e in segs.values()
+                     for s in e["shards"])
+        raw = bytearray(shard.read_bytes())
+        shard.write_bytes(damage(raw))
+        return data, shard
+
+    args = ["--set", "steps=2", "--set", "val_every=2", "--set", "classifier.init_from=", "--set", "export=false"]
+    data, shard = damaged("short", lambda raw: bytes(raw[:-100]))
+    out = _cli("train", "--stage", "classifier", *_common(data, tmp_path / "r1"), *args, timeout=600)
+    assert out.returncode == 2 and str(shard) in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "r1" / "state.json").exists()
+
+    def flip(raw):
+        raw[len(raw) // 2] ^= 0xFF  # inside a record's data: same size, bad CRC
+        return bytes(raw)
+
+    data, shard = damaged("flipped", flip)
+    out = _cli("train", "--stage", "classifier", *_common(data, tmp_path / "r2"), *args, timeout=600)
+    assert out.returncode == 1 and "mammodg verify" in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("mammodg train: stopped: a shard under")
+    check = _cli("verify", str(data), timeout=300)
+    assert check.returncode == 2 and str(shard) in check.stderr

@@ -20,20 +20,30 @@ def run(stage: str, cfg):
     if stage not in STAGE_MODULES:
         raise ValueError(f"unknown stage {stage!r}; known stages: {sorted(STAGE_MODULES)}")
     module = importlib.import_module(f"mammodg.stages.{STAGE_MODULES[stage]}")
-    from mammodg.train import check_config
+    import tensorflow as tf
+
+    from mammodg.records.reader import INDEX_NAME
+    from mammodg.records.verify import verify
+    from mammodg.train import TrainingError, check_config
 
     check_config(cfg)  # the trainer's fields, before a stage reads any data
-    return module.run(cfg)
+    if (Path(cfg.data_dir) / INDEX_NAME).is_file():
+        verify(cfg.data_dir, quick=True)  # missing, truncated or shortened shards, named, before training
+    try:
+        return module.run(cfg)
+    except tf.errors.DataLossError as e:  # a corrupted record inside a shard of the right length
+        raise TrainingError(f"a shard under {cfg.data_dir} is corrupted ({e.message.splitlines()[0]}); "
+                            f"`mammodg verify {cfg.data_dir}` names it (SHA-256 against dataset.json)") from None
 
 
 def train_and_export(cfg, task):
-    """Train ``task`` with the shared trainer; write a SavedModel of the best EMA weights when ``cfg.export``."""
+    """Train ``task`` with the shared trainer; when ``cfg.export``, write the run's SavedModel with the
+    export contract's signatures (:func:`mammodg.export.export_run`: best EMA weights)."""
+    from mammodg.export import export_run
     from mammodg.train import Trainer
 
     model = Trainer(cfg, cfg.resolved_run_dir(), task).run()
     if cfg.export:
-        out = Path(cfg.resolved_run_dir()) / "saved_model"
-        model.export(str(out), format="tf_saved_model", verbose=False)
-        print(f"SavedModel (best EMA weights): {out}", flush=True)
+        export_run(cfg.resolved_run_dir())
     print(f"run folder: {cfg.resolved_run_dir()}", flush=True)
     return model

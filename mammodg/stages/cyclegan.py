@@ -25,14 +25,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import os
 import re
-import shutil
 from pathlib import Path
 
 from mammodg.config import ConfigError, TrainConfig, save
 from mammodg.records.styles import STYLES_JSON, StyleTransfer
-from mammodg.train import Task, Trainer, TrainingError, atomic_json, check_config
+from mammodg.io.atomic import atomic_write_json
+from mammodg.train import Task, Trainer, TrainingError, check_config
 
 
 def safe_name(style: str) -> str:
@@ -121,20 +120,14 @@ def pair_task(cfg: TrainConfig, index: dict, a: str, b: str) -> Task:
                 compile=compile_, select_best=False)
 
 
-def _export_generator(model, run_dir: Path, name: str, saved_model: bool) -> None:
-    """``generators/<name>.keras`` and (optionally) ``saved_model/<name>/``, each written then renamed."""
+def _save_generator(model, run_dir: Path, name: str) -> None:
+    """``generators/<name>.keras`` (what :class:`StyleTransfer` loads), written then renamed."""
+    from mammodg.io.atomic import atomic_path
+
     path = run_dir / "generators" / f"{name}.keras"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{name}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-    if saved_model:
-        out = run_dir / "saved_model" / name
-        tmp = out.with_name(f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.export(str(tmp), format="tf_saved_model", verbose=False)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
 
 
 def train_pair(cfg: TrainConfig, index: dict, a: str, b: str, run_dir: Path, k: int) -> bool:
@@ -150,7 +143,7 @@ def train_pair(cfg: TrainConfig, index: dict, a: str, b: str, run_dir: Path, k: 
     names = generator_name(a, b), generator_name(b, a)
     if trainer.trained or not all((run_dir / "generators" / f"{n}.keras").is_file() for n in names):
         for generator, name in zip((gan.g_ab, gan.g_ba), names):
-            _export_generator(generator, run_dir, name, cfg.export)
+            _save_generator(generator, run_dir, name)
     return trainer.trained
 
 
@@ -172,9 +165,13 @@ def run(cfg: TrainConfig) -> StyleTransfer:
     gens = [{"src": s, "dst": d, "keras": f"generators/{generator_name(s, d)}.keras",
              "saved_model": f"saved_model/{generator_name(s, d)}" if cfg.export else None}
             for s in styles for d in styles if s != d]
-    atomic_json(run_dir / STYLES_JSON, {"styles": styles, "pairs": [list(p) for p in pairs], "generators": gens})
+    atomic_write_json(run_dir / STYLES_JSON, {"styles": styles, "pairs": [list(p) for p in pairs], "generators": gens})
     transfer = StyleTransfer.load(run_dir)
     examples = {s: first_image(_files(cfg, index, s)[0]) for s in styles}
     grid = style_grid(transfer, examples, run_dir / "style_grid.png")
+    if cfg.export and (any(trained) or not (run_dir / "saved_model").is_dir()):
+        from mammodg.export import export_run
+
+        export_run(run_dir)  # saved_model/<src>__to__<dst>/, the export contract's signatures
     print(f"style grid: {grid}\nrun folder: {run_dir}", flush=True)
     return transfer
