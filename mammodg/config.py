@@ -21,6 +21,7 @@ Strategy = Literal["periodic", "balanced_segments", "balanced_labels", "natural"
 VoiPolicy = Literal["auto", "none", "always"]
 ContrastiveMethod = Literal["simclr", "mscl", "mvcl", "msvcl"]
 ContrastiveOptimizer = Literal["sgd", "adamw"]
+PatientKey = Literal["source_and_id", "patient_id"]
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,10 @@ class BuildConfig:
     # Salt of the patient pseudonyms. Empty: a random salt is created once and kept in
     # ``<out>/.pseudonym_salt`` (never inside records), so re-runs give the same pseudonyms.
     pseudonym_salt: str = ""
+    # How rows are grouped into patients: "source_and_id" (default) keys a patient by (source, patient_id), so
+    # one person listed in two sources counts as two patients (possibly in both splits); "patient_id" keys by
+    # the id alone, for manifests whose ids are shared across sources (one pseudonym, one split).
+    patient_key: PatientKey = "source_and_id"
     workers: int = 0  # 0 = all cores
     shard_size: int = 256  # records per shard file at most
     allow_non_mg: bool = False  # accept modalities other than MG
@@ -237,10 +242,34 @@ class VGGConfig:
 
 
 @dataclasses.dataclass
+class AugmentConfig:
+    """Training augmentation of the patch and classifier stages (periodic-sampling paper, section 3.1.1 and
+    appendix A.3.1): one random affine transform per sample (``mammodg.augment.geometry``), lesion boxes
+    moved with the image. Never applied to validation."""
+
+    enabled: bool = True  # false: no augmentation
+    flip_h: float = 0.5  # probability of a horizontal flip
+    flip_v: float = 0.5  # probability of a vertical flip
+    rotation_deg: float = 20.0  # uniform in [-r, r]
+    zoom: list[float] = dataclasses.field(default_factory=lambda: [0.9, 1.1])  # (low, high), > 1 enlarges
+    shear_deg: float = 10.0  # uniform in [-s, s]
+
+    def __post_init__(self):
+        if len(self.zoom) != 2 or not 0 < self.zoom[0] <= self.zoom[1]:
+            raise ConfigError(f"augment.zoom: expected [low, high] with 0 < low <= high, got {self.zoom}")
+        if not (0 <= self.flip_h <= 1 and 0 <= self.flip_v <= 1):
+            raise ConfigError("augment.flip_h / flip_v: probabilities in [0, 1]")
+        if not (0 <= self.shear_deg < 45 and self.rotation_deg >= 0):
+            raise ConfigError("augment.shear_deg must be in [0, 45) and rotation_deg >= 0 (degrees)")
+
+
+@dataclasses.dataclass
 class PatchConfig:
     """``--stage patch`` (periodic-sampling paper, appendix A.3): lesion / healthy-tissue patch pre-training."""
 
     patch_size: int = 224  # crop size around lesions and healthy tissue
+    jitter: float = 0.25  # training lesion patches are off-centre by up to jitter * patch_size per axis
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
 @dataclasses.dataclass
@@ -248,6 +277,7 @@ class ClassifierConfig:
     """``--stage classifier`` (periodic-sampling paper, section 3.1.2): full-image fine-tuning."""
 
     init_from: str = ""  # run folder of a patch run: its best backbone weights (architecture from its config.yaml)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
 @dataclasses.dataclass

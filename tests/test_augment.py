@@ -245,39 +245,253 @@ def image_records(tiny_records):
     return [raw.numpy() for raw in tf.data.TFRecordDataset(sorted(all_shards(index, tiny_records, "train")))]
 
 
+def _samples(raw):
+    """Reference list of a record's patch samples: (lesion index, class), healthy (-1, 0) first when label 0."""
+    r = parse(tf.constant(raw), decode_image=False)
+    names = [c.decode() for c in r["lesion_class"].numpy()]
+    healthy = [(-1, 0)] if int(r["label"]) == 0 else []
+    return healthy + [(k, 1 + LESION_CLASSES.index(n)) for k, n in enumerate(names)]
+
+
+def _outside_value(stored, target_mean=TARGET_MEAN):
+    """The model-input value outside the breast, from its definition: the image mean is ``target_mean``."""
+    x = model_input(tf.constant(stored), target_mean).numpy()
+    return float(x[stored == 0][0])
+
+
 def test_patch_decoder_centres_lesions_and_healthy_breast(image_records):
     size = 16
     decode = patch_decoder(patch_size=size, target_mean=TARGET_MEAN, seed=0, jitter=0.0)
-    lesions = healthy = 0
+    seen = set()
     for i, raw in enumerate(image_records[:40]):
         r = parse(tf.constant(raw))
-        patch, cls = (t.numpy() for t in decode(tf.constant(i, tf.int64), tf.constant(raw)))
+        stored = r["image"].numpy()
         img = model_input(r["image"], TARGET_MEAN).numpy()[..., 0]
         h, w = img.shape
-        padded = np.pad(img, size // 2, constant_values=img[0, w - 1])
-        boxes, names = r["boxes"].numpy(), [c.decode() for c in r["lesion_class"].numpy()]
-        if len(boxes):  # centred on one of the boxes (x_min, y_min, x_max, y_max); class 1 + its index in LESION_CLASSES
-            cy = np.clip(np.round((boxes[:, 1] + boxes[:, 3]) / 2), 0, h - 1).astype(int)
-            cx = np.clip(np.round((boxes[:, 0] + boxes[:, 2]) / 2), 0, w - 1).astype(int)
-            match = [k for k in range(len(boxes))
-                     if np.allclose(patch[..., 0], padded[cy[k]:cy[k] + size, cx[k]:cx[k] + size], atol=1e-6)]
-            assert match and cls in {1 + LESION_CLASSES.index(names[k]) for k in match}
-            lesions += 1
-        else:  # a breast pixel in the patch centre
-            assert cls == 0 and patch[size // 2, size // 2, 0] != img[0, w - 1] and np.isfinite(patch).all()
-            healthy += 1
-    assert lesions >= 3 and healthy >= 3
+        padded = np.pad(img, size // 2, constant_values=_outside_value(stored))
+        boxes = r["boxes"].numpy()
+        for k, cls_ref in _samples(raw):
+            patch, cls = (t.numpy() for t in decode(tf.constant(i, tf.int64), tf.constant(raw), tf.constant(k)))
+            assert cls == cls_ref
+            seen.add(int(cls))
+            if k >= 0:  # centred on box k (x_min, y_min, x_max, y_max)
+                cy = int(np.clip(np.round((boxes[k, 1] + boxes[k, 3]) / 2), 0, h - 1))
+                cx = int(np.clip(np.round((boxes[k, 0] + boxes[k, 2]) / 2), 0, w - 1))
+                np.testing.assert_allclose(patch[..., 0], padded[cy:cy + size, cx:cx + size], atol=1e-6)
+            else:  # centred on a breast pixel outside every box
+                windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size))[:h, :w]
+                ys, xs = np.nonzero(np.abs(windows - patch[..., 0]).max(axis=(2, 3)) < 1e-6)
+                inside = ((boxes[:, 0] <= xs[:, None] + 0.5) & (xs[:, None] + 0.5 < boxes[:, 2])
+                          & (boxes[:, 1] <= ys[:, None] + 0.5) & (ys[:, None] + 0.5 < boxes[:, 3])).any(axis=1)
+                assert ((stored[ys, xs, 0] > 0) & ~inside).any()
+    assert 0 in seen and len(seen) >= 3
 
 
 def test_patch_decoder_is_seeded_by_index_and_the_same_in_map(image_records):
-    decode = patch_decoder(patch_size=16, target_mean=TARGET_MEAN, seed=3)
+    decode = patch_decoder(patch_size=16, target_mean=TARGET_MEAN, seed=3, augment=AUG)
     raws = tf.constant(image_records[:12])
-    eager = _assert_same_in_map(lambda i: decode(i, raws[i]), n=12)
-    parallel = tf.data.Dataset.zip(tf.data.Dataset.range(12), tf.data.Dataset.from_tensor_slices(raws))
+    ks = tf.constant([_samples(r)[-1][0] for r in image_records[:12]])
+    eager = _assert_same_in_map(lambda i: decode(i, raws[i], ks[i]), n=12, atol=1e-5)
+    parallel = tf.data.Dataset.zip(tf.data.Dataset.range(12), tf.data.Dataset.from_tensor_slices(raws),
+                                   tf.data.Dataset.from_tensor_slices(ks))
     for e, m in zip(eager, parallel.map(decode, num_parallel_calls=4, deterministic=True)):  # as the stage runs it
         np.testing.assert_array_equal(m[0].numpy(), e[0].numpy())
         assert int(m[1]) == int(e[1])
-    again = decode(tf.constant(0, tf.int64), raws[0])[0].numpy()
+    again = decode(tf.constant(0, tf.int64), raws[0], ks[0])[0].numpy()
     np.testing.assert_array_equal(again, eager[0][0].numpy())
-    others = [decode(tf.constant(i, tf.int64), raws[0])[0].numpy() for i in range(1, 6)]
+    others = [decode(tf.constant(i, tf.int64), raws[0], ks[0])[0].numpy() for i in range(1, 6)]
     assert any(not np.array_equal(o, again) for o in others)  # another index, another draw
+
+
+AUG = {"flip_h": 0.5, "flip_v": 0.5, "rotation": 20.0, "zoom": (0.9, 1.1), "shear": 10.0}
+
+
+def test_augmented_window_is_the_plain_window_at_identity_and_keeps_the_lesion(image_records):
+    """Zero ranges: the warped region is exactly the plain patch (the region and patch centres agree). Any
+    ranges: the patch is the region warped centre to centre, so a lesion centred in the region stays at the
+    patch centre, inside its moved box."""
+    from mammodg.augment.patches import _window, augmented_window, region_size
+
+    raw = next(r for r in image_records if len(_samples(r)) > 1 and _samples(r)[-1][0] >= 0)
+    r = parse(tf.constant(raw))
+    img, fill = model_input(r["image"], TARGET_MEAN), _outside_value(r["image"].numpy())
+    b = r["boxes"][0]
+    centre = tf.stack([(b[1] + b[3]) / 2, (b[0] + b[2]) / 2])
+    identity = {"flip_h": 0.0, "flip_v": 0.0, "rotation": 0.0, "zoom": (1.0, 1.0), "shear": 0.0}
+    assert region_size(16, identity) == 2 * 12 + 2 and region_size(16, AUG) > 16 * 2 ** 0.5
+    plain = _window(img, fill, centre, 16)[0].numpy()
+    warped, boxes = augmented_window(img, fill, centre, b, tf.constant([1, 2], tf.int64), patch_size=16, ranges=identity)
+    np.testing.assert_allclose(warped.numpy(), plain, atol=1e-5)
+    differ = 0
+    for i in range(20):
+        warped, boxes = augmented_window(img, fill, centre, b, tf.constant([5, i], tf.int64), patch_size=16, ranges=AUG)
+        x0, y0, x1, y1 = boxes.numpy()[0]  # kept, and still around the patch centre (8, 8) up to the rounding
+        assert x0 <= 8.5 + 0.71 and x1 >= 7.5 - 0.71 and y0 <= 8.5 + 0.71 and y1 >= 7.5 - 0.71
+        differ += not np.allclose(warped.numpy(), plain)
+    assert differ >= 18
+
+
+@pytest.fixture(scope="module")
+def unboxed_records(tiny_records, tmp_path_factory):
+    """tiny_records with the boxes removed from the first 5 label-1 records of each training shard that has
+    one: label-1 images without boxes (returns the folder and the number of such records)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("unboxed") / "d"
+    shutil.copytree(tiny_records, out)
+    stripped = 0
+    for path in sorted(all_shards(load_index(out), out, "train")):
+        raws = [raw.numpy() for raw in tf.data.TFRecordDataset(path)]
+        done = 0
+        with tf.io.TFRecordWriter(path) as w:
+            for raw in raws:
+                ex = tf.train.Example.FromString(raw)
+                f = ex.features.feature
+                if f["label"].int64_list.value[0] == 1 and done < 5:
+                    for key in [k for k in f if k.startswith("boxes/")]:
+                        del f[key]
+                    done += 1
+                w.write(ex.SerializeToString())
+        stripped += done
+    return out, stripped
+
+
+def _reference_census(data_dir, split):
+    counts, unboxed, samples = np.zeros(5, int), 0, []
+    for path in sorted(all_shards(load_index(data_dir), data_dir, split)):
+        for raw in tf.data.TFRecordDataset(path):
+            r = parse(raw, decode_image=False)
+            s = _samples(raw.numpy())
+            unboxed += int(r["label"]) == 1 and len(s) == 0
+            samples += [(r["image_id"].numpy(), k, c, int(r["label"])) for k, c in s]
+            for _, c in s:
+                counts[c] += 1
+    return counts, unboxed, samples
+
+
+def _sample_key(i, raw, k):
+    """A decode that skips the image: (image id, lesion index, class from the record, label)."""
+    from mammodg.augment.patches import lesion_classes
+
+    r = parse(raw, decode_image=False)
+    cls = tf.cond(k >= 0, lambda: lesion_classes(r["lesion_class"])[tf.maximum(k, 0)], lambda: tf.constant(0, tf.int32))
+    return r["image_id"], k, cls, tf.cast(r["label"], tf.int32)
+
+
+def test_census_and_fixed_set_count_samples_and_skip_unboxed_malignant(unboxed_records):
+    from mammodg.sampling.indexed import patch_census, patch_split
+
+    data, stripped = unboxed_records
+    counts, unboxed, samples = _reference_census(data, "train")
+    assert unboxed >= stripped > 0
+    census = patch_census(data, "train")
+    assert list(census["counts"].values()) == counts.tolist() and census["unboxed_malignant"] == unboxed
+    fixed = [(a.numpy(), int(k), int(c), int(y)) for a, k, c, y in patch_split(data, _sample_key, split="train")]
+    assert fixed == samples  # every sample once, in shard and box order; the unboxed label-1 records give none
+    assert all(y == 0 for _, k, _, y in fixed if k < 0)  # healthy only from label-0 images
+
+
+@pytest.mark.parametrize("batch", [8, 10])
+def test_patch_batches_balance_the_five_classes(unboxed_records, batch):
+    """Each class is 1/5 of the samples (here exactly, as the classes are taken in turn: well within the
+    binomial tolerance of i.i.d. draws); every batch holds each class floor or ceil
+    of batch / 5 times; healthy samples come only from label-0 images and lesion samples carry their box's
+    class; label-1 images without boxes never appear."""
+    from mammodg.sampling.indexed import patch_batches
+
+    data, _ = unboxed_records
+    _, _, samples = _reference_census(data, "train")
+    valid = {(a, k): c for a, k, c, _ in samples}
+    ds, census = patch_batches(data, _sample_key, split="train", seed=1, batch_size=batch, shuffle_budget=64)
+    n_batches, totals, seen = 120, np.zeros(5, int), set()
+    for ids, ks, cls, labels in ds.take(n_batches):
+        per = np.bincount(cls.numpy(), minlength=5)
+        assert per.min() >= batch // 5 and per.max() <= -(-batch // 5)
+        totals += per
+        for a, k, c, y in zip(ids.numpy(), ks.numpy(), cls.numpy(), labels.numpy()):
+            assert valid[(a, int(k))] == c and (k >= 0 or y == 0)
+            seen.add((a, int(k)))
+    n = n_batches * batch
+    assert np.all(np.abs(totals - n / 5) <= 3 * np.sqrt(n * 0.2 * 0.8))
+    assert len(seen) > 0.5 * min(n, len(valid))  # draws spread over the samples, not a few repeated
+
+
+def test_patch_batches_refuse_no_samples_and_balance_over_present_classes(unboxed_records):
+    from mammodg.records.reader import DatasetError
+    from mammodg.sampling.indexed import patch_batches, patch_census
+
+    data, _ = unboxed_records
+    census = patch_census(data, "train")
+    census["files"][3] = []  # as if benign_calc had no sample: balanced over the other 4
+    ds, _ = patch_batches(data, _sample_key, split="train", seed=0, batch_size=8, census=census)
+    cls = np.concatenate([b[2].numpy() for b in ds.take(10)])
+    assert set(np.unique(cls)) == {0, 1, 2, 4} and np.bincount(cls, minlength=5)[[0, 1, 2, 4]].tolist() == [20] * 4
+    census["files"] = [[] for _ in census["files"]]
+    with pytest.raises(DatasetError, match="no patch sample"):
+        patch_batches(data, _sample_key, split="train", seed=0, batch_size=8, census=census)
+
+
+def _batches(ds, n):
+    return [tf.nest.map_structure(lambda t: t.numpy(), b) for b in ds.take(n)]
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True))
+
+
+def test_patch_validation_is_fixed_and_augmentation_touches_training_only(unboxed_records, capsys):
+    from mammodg.config import TrainConfig
+    from mammodg.stages.patch import patch_batches, validation_patches
+
+    tiny_records, _ = unboxed_records
+    _, unboxed, _ = _reference_census(tiny_records, "train")
+    on = TrainConfig(stage="patch", data_dir=str(tiny_records), batch_size=8, seed=2)
+    on.patch.patch_size = 16
+    off = TrainConfig(stage="patch", data_dir=str(tiny_records), batch_size=8, seed=2)
+    off.patch.patch_size, off.patch.augment.enabled = 16, False
+    first = _batches(validation_patches(on), 1000)
+    assert sum(len(b[1]) for b in first) == len(_reference_census(tiny_records, "val")[2])
+    assert _same(first, _batches(validation_patches(on), 1000))  # two validations: identical inputs
+    assert _same(first, _batches(validation_patches(off), 1000))  # augmentation never reaches validation
+    train_on, train_off = _batches(patch_batches(on), 3), _batches(patch_batches(off), 3)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(train_on, train_off))  # same samples and classes
+    assert all(not np.allclose(a[0], b[0]) for a, b in zip(train_on, train_off))  # augmented patches
+    assert f"{unboxed} label-1 image(s) without boxes give no patch" in capsys.readouterr().out  # the run log counts them
+
+
+def test_classifier_augmentation_touches_training_only(tiny_records):
+    from mammodg.config import TrainConfig
+    from mammodg.records.schema import model_input
+    from mammodg.stages.classifier import classifier_batches
+
+    on = TrainConfig(stage="classifier", data_dir=str(tiny_records), batch_size=4, seed=2, strategy="balanced_labels")
+    off = TrainConfig(stage="classifier", data_dir=str(tiny_records), batch_size=4, seed=2, strategy="balanced_labels")
+    off.classifier.augment.enabled = False
+    a, b = _batches(classifier_batches(on), 3), _batches(classifier_batches(off), 3)
+    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b)) and not any(np.allclose(x[0], y[0]) for x, y in zip(a, b))
+    # off: exactly the whole-image model input of the records drawn
+    ref = [model_input(parse(raw)["image"], TARGET_MEAN).numpy() for raw in image_records_of(tiny_records)]
+    assert all(any(np.array_equal(x, r) for r in ref) for x in b[0][0])
+
+
+def image_records_of(data_dir):
+    return list(tf.data.TFRecordDataset(sorted(all_shards(load_index(data_dir), data_dir, "train"))))
+
+
+def test_image_decoder_identity_warp_and_lesion_kept(image_records):
+    """Zero ranges: the whole-image model input itself; a zoom that pushes a lesion box out of the image:
+    the image is kept unwarped (the lesion stays visible); otherwise warped, same shape."""
+    from mammodg.augment.patches import image_decoder
+
+    identity = {"flip_h": 0.0, "flip_v": 0.0, "rotation": 0.0, "zoom": (1.0, 1.0), "shear": 0.0}
+    raw = next(r for r in image_records if _samples(r) and _samples(r)[-1][0] >= 0)
+    ref = model_input(parse(tf.constant(raw))["image"], TARGET_MEAN).numpy()
+    i = tf.constant(0, tf.int64)
+    x, y = image_decoder(target_mean=TARGET_MEAN, seed=0, augment=identity)(i, tf.constant(raw))
+    np.testing.assert_allclose(x.numpy(), ref, atol=1e-5)
+    assert int(y) == int(parse(tf.constant(raw))["label"])
+    huge = dict(identity, zoom=(8.0, 8.0))  # x8 about the centre: the boxes of the 64x48 image leave it
+    x, _ = image_decoder(target_mean=TARGET_MEAN, seed=0, augment=huge)(i, tf.constant(raw))
+    np.testing.assert_array_equal(x.numpy(), ref)
+    x, _ = image_decoder(target_mean=TARGET_MEAN, seed=0, augment=AUG)(i, tf.constant(raw))
+    assert x.shape == ref.shape

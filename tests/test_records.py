@@ -229,3 +229,32 @@ def test_killed_build_resumes_to_identical_shards(tmp_path, phantoms):
     assert all(a[k] == b[k] for k in a)
     assert json.loads((ref / "dataset.json").read_text())["splits"] == json.loads((out / "dataset.json").read_text())["splits"]
     assert not list(out.rglob("*.tmp"))
+
+
+def test_patient_key_joins_a_patient_listed_in_two_sources(tmp_path):
+    """Without ``patient_key`` the same id in sources A and B is two patients (split independently: some land
+    in both splits); with ``patient_key: patient_id`` it is one pseudonym and all its rows share one split."""
+    from mammodg.io.manifest import Row
+    from mammodg.records.rows import plan_rows
+
+    ids = [f"P{i:03d}" for i in range(200)]
+    rows = [Row(line=2 + 2 * i + k, image_path=tmp_path / f"{src}{pid}.dcm", patient_id=pid, source=src, label=i % 2)
+            for i, pid in enumerate(ids) for k, src in enumerate(("A", "B"))]
+
+    def by_id(cfg):
+        tasks, rejected = plan_rows(rows, cfg, SALT, tmp_path)
+        assert not rejected and len(tasks) == len(rows)
+        out = {}
+        for t in tasks:
+            out.setdefault(t.row.patient_id, []).append((t.patient, t.split))
+        return out
+
+    per_source = by_id(_cfg(val_fraction=0.5))
+    assert all(len({p for p, _ in v}) == 2 for v in per_source.values())  # two pseudonyms per id
+    split_across = sum(len({s for _, s in v}) == 2 for v in per_source.values())
+    assert 60 <= split_across <= 140  # independent splits: about 2 f (1 - f) = 1/2 of the ids (binomial, +-5 sd)
+    joined = by_id(_cfg(val_fraction=0.5, patient_key="patient_id"))
+    assert all(len(set(v)) == 1 for v in joined.values())  # one pseudonym and one split per id
+    assert len({v[0][0] for v in joined.values()}) == len(ids)
+    n_val = sum(v[0][1] == "val" for v in joined.values())
+    assert abs(n_val - 100) <= 5 * 50 ** 0.5

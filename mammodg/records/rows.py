@@ -125,9 +125,16 @@ def _row_key(row: Row, salt: str, split: str, cfg: dict) -> str:
     except OSError:
         st = None
     ident = json.dumps([dataclasses.asdict(row), str(row.image_path), st, salt, split, cfg["preprocess"],
-                        cfg["segment_keys"], cfg["allow_non_mg"], cfg["reject_burned_in"], cfg["png_compress_level"]],
+                        cfg["segment_keys"], cfg["patient_key"], cfg["allow_non_mg"], cfg["reject_burned_in"], cfg["png_compress_level"]],
                        default=str, sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def patient_of_row(row: Row, salt: str, patient_key: str) -> tuple[str, str]:
+    """The (source, pseudonym) a row's patient is keyed by: per source by default; with ``patient_key:
+    patient_id`` one patient across sources (source ``*``, the pseudonym of the id alone)."""
+    source = "*" if patient_key == "patient_id" else row.source
+    return source, pseudonym(salt, source, row.patient_id)
 
 
 def plan_rows(rows: list[Row], cfg: BuildConfig, salt: str, cache: Path) -> tuple[list[RowTask], list[dict]]:
@@ -136,7 +143,7 @@ def plan_rows(rows: list[Row], cfg: BuildConfig, salt: str, cache: Path) -> tupl
     A patient's split is the manifest's ``split`` when any of its rows gives one (all its rows follow),
     else :func:`split_patients`. Rows of a patient the manifest puts in two splits are all rejected.
     """
-    patient_of = {r.line: (r.source, pseudonym(salt, r.source, r.patient_id)) for r in rows}
+    patient_of = {r.line: patient_of_row(r, salt, cfg.patient_key) for r in rows}
     lines, malignant, given = collections.defaultdict(list), collections.defaultdict(int), collections.defaultdict(set)
     for r in rows:
         p = patient_of[r.line]

@@ -1,6 +1,7 @@
 """``--stage classifier``: full-image fine-tuning of the VGG-like 2-level classifier (periodic-sampling
 paper, section 3.1.2), from the patch stage's backbone (``init_from``), with segment-aware sampling
-(``strategy``, Algorithms 1-2)."""
+(``strategy``, Algorithms 1-2) and training augmentation (``classifier.augment``: rotation, zoom, shear,
+flips; validation never augmented)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,21 @@ def image_scores(model, cfg: TrainConfig, split: str):
     ds = evaluation_records(cfg.data_dir, split, target_mean=cfg.target_mean, batch_size=cfg.batch_size)
     probs, y, segs = class_probabilities(model, ds, cfg.val_max_batches)
     return probs[:, 1], y, segs
+
+
+def classifier_batches(cfg: TrainConfig, start_step: int = 0):
+    """Infinite training batches (image, label) drawn by ``strategy``, augmented (``classifier.augment``) with
+    draws seeded by (seed, sample index); logs the sampling proportions."""
+    from mammodg.augment.patches import affine_ranges, image_decoder
+    from mammodg.records.reader import load_index
+    from mammodg.sampling.indexed import indexed_batches
+    from mammodg.sampling.streams import make_plan
+
+    plan = make_plan(load_index(cfg.data_dir), cfg.data_dir, cfg.train_split, cfg.strategy, cfg.seed)
+    print("sampling proportions per period:", {k: round(v, 4) for k, v in plan.proportions().items()}, flush=True)
+    decode = image_decoder(target_mean=cfg.target_mean, seed=cfg.seed, augment=affine_ranges(cfg.classifier.augment))
+    return indexed_batches(cfg.data_dir, decode, split=cfg.train_split, strategy=cfg.strategy, seed=cfg.seed,
+                           batch_size=cfg.batch_size, start_step=start_step, shuffle_budget=cfg.shuffle_budget)
 
 
 def _validate(cfg: TrainConfig):
@@ -63,16 +79,11 @@ def classifier_task(cfg: TrainConfig) -> Task:
 
     from mammodg import models
     from mammodg.records.reader import load_index
-    from mammodg.sampling.streams import image_batches
 
     h, w = load_index(cfg.data_dir)["image_shape"]
 
     def batches(start):
-        ds, sampler = image_batches(cfg.data_dir, cfg.train_split, strategy=cfg.strategy, batch_size=cfg.batch_size,
-                                    seed=cfg.seed, start_step=start, target_mean=cfg.target_mean,
-                                    shuffle_budget=cfg.shuffle_budget)
-        print("sampling proportions per period:", {k: round(v, 4) for k, v in sampler.proportions().items()}, flush=True)
-        return ds
+        return classifier_batches(cfg, start)
 
     return Task(
         build_model=lambda: models.build("vgg_classifier", input_shape=(h, w, 1), width=cfg.vgg.width, filters=tuple(cfg.vgg.filters)),
