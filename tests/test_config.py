@@ -109,3 +109,22 @@ def test_tensorflow_install_check():
     check_tensorflow(installed=lambda d: False, importable=lambda: False, backend="jax")
     with pytest.raises(ImportError, match="both tensorflow and tensorflow-cpu"):
         check_tensorflow(installed=lambda d: True, importable=lambda: True, backend="tensorflow")
+
+
+def test_wheel_ships_every_config(tmp_path):
+    """The configs are package data: a built wheel holds every YAML under configs/ (an installed, non-editable
+    package finds them by name, without the source tree)."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    from mammodg.config import list_shipped_configs
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("mammodg-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"mammodg/configs/{n}" for n in list_shipped_configs()} <= names
