@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from mammodg.metrics.classification import none_if_nan
+
 __all__ = ["plot_roc", "plot_validation_curves", "markdown_report", "write_report", "to_jsonable", "style_grid"]
 
 BLEND_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # MSVCL v2 eq. (2): 0.0, 0.1, ..., 1.0
@@ -202,8 +204,7 @@ def to_jsonable(obj):
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return x if math.isfinite(x) else None
+        return none_if_nan(obj)
     if isinstance(obj, np.bool_):
         return bool(obj)
     return obj

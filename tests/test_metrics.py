@@ -87,6 +87,7 @@ def test_none_if_nan():
     v = none_if_nan(np.float32(0.25))
     assert v == 0.25 and type(v) is float
     json.dumps([none_if_nan(x) for x in (np.nan, 1, np.float64(2.5))], allow_nan=False)
+    assert none_if_nan(float("inf")) is None and none_if_nan(-np.inf) is None
 
 
 def test_positive_top1_hits_against_brute_force():

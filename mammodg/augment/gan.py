@@ -11,9 +11,10 @@ def to_unit_range(stored):
     """Stored uint16 image -> (float32 in [-1, 1], breast mask): ``2 v - 1`` inside the breast, -1 outside."""
     import tensorflow as tf
 
-    x = tf.cast(stored, tf.float32)
-    inside = x > 0
-    return tf.where(inside, (x - 1.0) / 65534.0 * 2.0 - 1.0, -1.0), inside
+    from mammodg.preprocess.stored import unit_values_tf
+
+    inside = stored > 0
+    return tf.where(inside, unit_values_tf(stored) * 2.0 - 1.0, -1.0), inside
 
 
 def breast_crop(stored, crop_size: int, seed):
@@ -21,14 +22,13 @@ def breast_crop(stored, crop_size: int, seed):
     image, which is padded with -1 when smaller than the crop); ``seed`` is a stateless seed (2 ints)."""
     import tensorflow as tf
 
-    img, inside = to_unit_range(stored)
+    from mammodg.augment.crops import breast_point
+
+    img, _ = to_unit_range(stored)
+    h0, w0 = tf.shape(img)[0], tf.shape(img)[1]
+    centre = tf.cast(tf.round(breast_point(stored, seed) * tf.cast(tf.stack([h0, w0]), tf.float32)), tf.int32)
+    img = tf.pad(img + 1.0, [[0, tf.maximum(crop_size - h0, 0)], [0, tf.maximum(crop_size - w0, 0)], [0, 0]]) - 1.0
     h, w = tf.shape(img)[0], tf.shape(img)[1]
-    img = tf.pad(img + 1.0, [[0, tf.maximum(crop_size - h, 0)], [0, tf.maximum(crop_size - w, 0)], [0, 0]]) - 1.0
-    h, w = tf.shape(img)[0], tf.shape(img)[1]
-    breast = tf.cast(tf.where(inside[..., 0]), tf.int32)
-    n = tf.shape(breast)[0]
-    candidates = tf.concat([breast, [[h // 2, w // 2]]], 0)  # the image centre if there is no breast pixel
-    centre = candidates[tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int32)]
     top = tf.clip_by_value(centre[0] - crop_size // 2, 0, h - crop_size)
     left = tf.clip_by_value(centre[1] - crop_size // 2, 0, w - crop_size)
     return tf.ensure_shape(img[top:top + crop_size, left:left + crop_size], [crop_size, crop_size, 1])
@@ -67,5 +67,6 @@ def first_image(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
     from mammodg.records.schema import parse
 
-    stored = parse(next(iter(tf.data.TFRecordDataset(files[:1]))))["image"].numpy().astype(np.float32)
-    return np.where(stored > 0, (stored - 1) / 65534, 0).astype(np.float32), stored > 0
+    from mammodg.preprocess.stored import from_stored
+
+    return from_stored(parse(next(iter(tf.data.TFRecordDataset(files[:1]))))["image"].numpy())

@@ -66,11 +66,11 @@ def _scores(scores, n: int, name: str = "scores") -> np.ndarray:
 
 
 def none_if_nan(x) -> float | None:
-    """A Python float, or None for None and NaN (JSON has no NaN; an undefined metric is null)."""
+    """A Python float, or None for None, NaN and infinities (JSON has neither; an undefined metric is null)."""
     if x is None:
         return None
     x = float(x)
-    return None if math.isnan(x) else x
+    return x if math.isfinite(x) else None
 
 
 # ---------------------------------------------------------------------------------------- log loss
