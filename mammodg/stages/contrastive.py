@@ -102,6 +102,14 @@ def pair_scores(z: np.ndarray, groups, method: str, temperature: float) -> dict:
     return out
 
 
+def format_scores(scores: dict, method: str) -> str:
+    """One line: NT-Xent and top-1 of each pair type, its chance level beside it."""
+    from mammodg.augment import pair_types
+
+    return "  ".join(f"{kind}: NT-Xent {scores[f'{kind}_nt_xent']:.3f} top-1 {scores[f'{kind}_top1']:.3f} "
+                     f"(chance {scores[f'{kind}_top1_chance']:.3f})" for kind in pair_types(method))
+
+
 def _validate(cfg: TrainConfig):
     """NT-Xent and positive top-1 (with its chance level) of each pair type on the validation breasts.
 
@@ -128,8 +136,7 @@ def _validate(cfg: TrainConfig):
                     per.setdefault(kind, {}).setdefault(k, []).append(v)
         scores = {f"{kind}_{k}": float(np.concatenate(v).mean()) for kind, vals in per.items() for k, v in vals.items()}
         loss = float(np.mean([scores[f"{kind}_nt_xent"] for kind in per]))
-        print("  ".join(f"{kind}: NT-Xent {scores[f'{kind}_nt_xent']:.3f} top-1 {scores[f'{kind}_top1']:.3f} "
-                        f"(chance {scores[f'{kind}_top1_chance']:.3f})" for kind in per), flush=True)
+        print(format_scores(scores, c.method), flush=True)
         return {"global": {"nt_xent": loss, **scores}, "monitor": loss}
 
     return validate
@@ -162,6 +169,10 @@ def run(cfg: TrainConfig):
     check_pairs(cfg)
     model = Trainer(cfg, cfg.resolved_run_dir(), contrastive_task(cfg)).run()
     run_dir = Path(cfg.resolved_run_dir())
+    history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").is_file() else []
+    if history:  # the learning figures at the end of the log
+        print(f"last validation (step {history[-1]['step']}): {format_scores(history[-1]['global'], cfg.contrastive.method)}",
+              flush=True)
     backbone = backbone_of(model)
     backbone.save_weights(run_dir / "backbone.weights.h5")
     print(f"backbone weights (best EMA): {run_dir / 'backbone.weights.h5'}", flush=True)
