@@ -410,3 +410,18 @@ def test_same_seed_gives_the_same_batches(tiny_records, pairs):
     pcfg = TrainConfig(stage="patch", data_dir=str(tiny_records), batch_size=4, patch_size=16, seed=2)
     ref = first(patch_batches(pcfg), 3)
     assert equal(ref, first(patch_batches(pcfg), 3))
+
+
+def test_resnet18_backbone_shape():
+    """ResNet-18 (He et al. 2016): 17 3x3/7x7 convolutions + 3 projection shortcuts, 8 x base features."""
+    import keras
+
+    from mammodg.models.resnet import build_backbone
+
+    m = build_backbone("resnet18", (32, 24, 1), width=0.25)
+    convs = [la for la in m.layers if isinstance(la, keras.layers.Conv2D)]
+    assert len(convs) == 20 and sum(la.kernel_size == (1, 1) for la in convs) == 3
+    assert m.output_shape == (None, 128) and convs[0].filters == 16
+    assert m.predict(np.zeros((2, 32, 24, 1), np.float32), verbose=0).shape == (2, 128)
+    with pytest.raises(ValueError, match="only for backbone resnet50"):
+        build_backbone("resnet18", (32, 24, 1), weights="w.h5")
