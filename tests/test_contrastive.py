@@ -271,9 +271,11 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
         np.save({str(tmp_path / 'y.npy')!r}, m.serve(tf.constant(np.load({str(tmp_path / 'x.npy')!r}))).numpy())
     """)
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
-    from mammodg.models.resnet import resnet50_backbone
+    from mammodg.config import load
+    from mammodg.models.resnet import build_backbone
 
-    backbone = resnet50_backbone((32, 32, 1))
+    cfg = load(TrainConfig, run / "config.yaml")  # the demo config's encoder, with the --set values
+    backbone = build_backbone(cfg.contrastive.backbone, (32, 32, 1), width=cfg.width)
     backbone.load_weights(run / "backbone.weights.h5")
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), backbone.predict(x, verbose=0), atol=1e-5)
     assert main(args) == 0  # a finished run is not retrained
