@@ -22,6 +22,7 @@ VoiPolicy = Literal["auto", "none", "always"]
 ContrastiveMethod = Literal["simclr", "mscl", "mvcl", "msvcl"]
 ContrastiveOptimizer = Literal["sgd", "adamw"]
 PatientKey = Literal["source_and_id", "patient_id"]
+ContrastiveBackbone = Literal["resnet50", "resnet18"]
 
 
 class ConfigError(ValueError):
@@ -315,10 +316,13 @@ class ContrastiveConfig:
     weight_decay: float = 1e-6
     warmup_steps: int = 0
     crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.6, 1.0])  # crop area fraction range
+    view_crop_scale: list[float] = dataclasses.field(default_factory=list)  # multi-view sides' crop area range; [] = crop_scale
     crop_overlap: bool = True  # crops of the same view of a sample contain a common breast point (small crops)
     rotation_deg: float = 10.0
     jitter: float = 0.2  # colour (intensity) jitter strength
     weights: str = ""  # optional local .h5/.weights.h5 of ImageNet ResNet-50 weights (never downloaded)
+    backbone: ContrastiveBackbone = "resnet50"  # or "resnet18": a compact residual encoder of TrainConfig.width x 64 base filters (demo)
+    val_breasts: int = 32  # validation batch: at least this many breasts (all of them if fewer)
 
 
 @dataclasses.dataclass

@@ -68,8 +68,8 @@ def prepare_contrastive(cfg) -> Path:
     """The embedded default's orchestration before ``--stage contrastive``: make whatever of its inputs is
     missing, in order: the demo shards (when ``data_dir`` is the demo's), the CycleGAN run
     ``contrastive.cyclegan_run`` (trained with ``contrastive.cyclegan_config``) and the pair records
-    (rebuilt when they lack the style transfers a multi-style method needs). Returns the pairs folder."""
-    from mammodg.augment import multi_style
+    (rebuilt when they lack the style transfers a style-diversifying method needs). Returns the pairs folder."""
+    from mammodg.augment import uses_styles
     from mammodg.config import TrainConfig, load
     from mammodg.records.pairs import build_pairs, format_pairs_summary
     from mammodg.records.writer import INDEX_NAME
@@ -81,7 +81,7 @@ def prepare_contrastive(cfg) -> Path:
     except FileNotFoundError as e:
         print(f"{e}\nthe embedded default makes its missing inputs now", flush=True)
     out, c = contrastive.pairs_dir(cfg), cfg.contrastive
-    styles = multi_style(c.method) and c.cyclegan_run
+    styles = uses_styles(c.method) and c.cyclegan_run
     if not (Path(cfg.data_dir) / INDEX_NAME).is_file():
         if Path(cfg.data_dir) != DEMO_DATA:
             raise FileNotFoundError(f"data_dir: {Path(cfg.data_dir) / INDEX_NAME} not found; build it with "
@@ -103,8 +103,8 @@ def prepare_contrastive(cfg) -> Path:
         from mammodg.records.styles import StyleTransfer
 
         transfer = StyleTransfer.load(c.cyclegan_run)
-    elif multi_style(c.method):
-        print("warning: multi-style method without contrastive.cyclegan_run: every image keeps its own style only",
+    elif uses_styles(c.method):
+        print("warning: style-diversifying method without contrastive.cyclegan_run: every image keeps its own style only",
               flush=True)
     index = build_pairs(cfg.data_dir, out, transfer=transfer, size=tuple(c.pair_size) or None)
     print(format_pairs_summary(index), flush=True)

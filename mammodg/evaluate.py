@@ -34,7 +34,8 @@ def evaluate_run(run: Path, *, split: str = "val", n_boot: int = 2000) -> dict:
 
 
 def stored_images(data_dir, split: str):
-    """(stored image (h, w) uint16, data segment) of every record of a split of image records."""
+    """(stored image (h, w) uint16, data segment, patient pseudonym) of every record of a split of image
+    records."""
     import tensorflow as tf
 
     from mammodg.records.reader import all_shards, load_index
@@ -42,7 +43,7 @@ def stored_images(data_dir, split: str):
 
     for raw in tf.data.TFRecordDataset(sorted(all_shards(load_index(data_dir), data_dir, split))):
         r = parse(raw)
-        yield r["image"].numpy()[..., 0], r["data_segment"].numpy().decode()
+        yield r["image"].numpy()[..., 0], r["data_segment"].numpy().decode(), r["patient"].numpy().decode()
 
 
 def precise_batchnorm(model, batches) -> int:
@@ -79,7 +80,7 @@ def _tiles(cfg, stored: np.ndarray) -> np.ndarray:
 def _tile_batches(cfg, split: str, batch: int = 32, max_batches: int = 8):
     """Batches of evaluation tiles of a split's images (for BatchNorm statistics)."""
     pending, n = [], 0
-    for stored, _ in stored_images(cfg.data_dir, split):
+    for stored, *_ in stored_images(cfg.data_dir, split):
         pending.extend(_tiles(cfg, stored))
         while len(pending) >= batch and n < max_batches:
             yield np.stack(pending[:batch])
@@ -95,8 +96,8 @@ def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: i
     """Image embeddings of every image of a split for each backbone (name -> model, inference mode):
     the mean of the backbone's embeddings of the image's breast tiles at the training scale
     (:func:`mammodg.augment.evaluation_tiles`), run in batches of tiles of several images.
-    Returns (name -> (n, d), styles (n,))."""
-    feats, styles, tiles, owner = {k: [] for k in backbones}, [], [], []
+    Returns (name -> (n, d), styles (n,), patients (n,))."""
+    feats, styles, patients, tiles, owner = {k: [] for k in backbones}, [], [], [], []
 
     def flush():
         if tiles:
@@ -108,40 +109,59 @@ def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: i
             tiles.clear()
             owner.clear()
 
-    for i, (stored, segment) in enumerate(stored_images(data_dir or cfg.data_dir, split)):
+    for i, (stored, segment, patient) in enumerate(stored_images(data_dir or cfg.data_dir, split)):
         t = _tiles(cfg, stored)
         tiles.append(t)
         owner.extend([i] * len(t))
         styles.append(segment)
+        patients.append(patient)
         if len(owner) >= chunk_tiles:
             flush()
     flush()
     if not styles:
         raise ValueError(f"split {split!r} of {data_dir or cfg.data_dir} has no images")
-    return {k: np.stack(v) for k, v in feats.items()}, np.array(styles)
+    return {k: np.stack(v) for k, v in feats.items()}, np.array(styles), np.array(patients)
 
 
-def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
-    """Style accuracy of a logistic-regression probe, stratified k-fold over the images (k <= 5).
+def _patients_per_style(labels: np.ndarray, groups: np.ndarray) -> dict:
+    return {n: len(np.unique(groups[labels == n])) for n in np.unique(labels)}
 
-    Styles with fewer than 2 images cannot be held out and are dropped (listed in the result).
+
+def probe_folds(labels: np.ndarray, groups: np.ndarray, seed: int = 0) -> list:
+    """(train, test) index arrays of k <= 5 folds grouped by patient (``groups``), stratified by style
+    (StratifiedGroupKFold): a patient's images are never on both sides, so a probe cannot score by
+    recognising the patient. k is at most the fewest patients of any style."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    k = int(min(5, *_patients_per_style(labels, groups).values()))
+    return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(labels, labels, groups))
+
+
+def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, groups=None, seed: int = 0) -> dict:
+    """Style accuracy of a logistic-regression probe, k-fold over the images grouped by patient
+    (``groups``, one per image; None: every image its own patient), :func:`probe_folds`.
+
+    Styles with fewer than 2 patients cannot be held out and are dropped (listed in the result).
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    names, counts = np.unique(labels, return_counts=True)
-    keep = np.isin(labels, names[counts >= 2])
-    x, y = features[keep], labels[keep]
-    k = int(min(5, np.unique(y, return_counts=True)[1].min()))
+    labels = np.asarray(labels)
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
+    per_style = _patients_per_style(labels, groups)
+    dropped = [n for n, c in per_style.items() if c < 2]
+    keep = ~np.isin(labels, dropped)
+    x, y, g = features[keep], labels[keep], groups[keep]
     if len(np.unique(y)) < 2:
-        raise ValueError("the linear probe needs images of at least 2 styles with 2+ images each")
+        raise ValueError("the linear probe needs images of at least 2 styles with 2+ patients each")
+    folds = probe_folds(y, g, seed)
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-    acc = cross_val_score(probe, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed))
-    return {"accuracy": float(acc.mean()), "folds": k, "images": int(keep.sum()),
+    acc = cross_val_score(probe, x, y, cv=folds)
+    return {"accuracy": float(acc.mean()), "folds": len(folds), "images": int(keep.sum()), "patients": int(len(np.unique(g))),
             "chance": float(np.unique(y, return_counts=True)[1].max() / len(y)),
-            "dropped_styles": [str(n) for n in names[counts < 2]]}
+            "dropped_styles": [str(n) for n in dropped]}
 
 
 def plot_tsne(panels: dict, styles: np.ndarray, path: Path, seed: int = 0) -> Path:
@@ -181,29 +201,33 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     import keras
 
     from mammodg.config import TrainConfig, load
-    from mammodg.models.resnet import resnet50_backbone
+    from mammodg.models.resnet import build_backbone
 
     cfg = load(TrainConfig, run / "config.yaml")
     weights = run / "backbone.weights.h5"
     if cfg.stage != "contrastive" or not weights.is_file():
         raise FileNotFoundError(f"{run} is not a finished contrastive run (backbone.weights.h5 missing)")
     shape = (*cfg.contrastive.input_size, 1)
-    trained = resnet50_backbone(shape)
+
+    def backbone():
+        return build_backbone(cfg.contrastive.backbone, shape, width=cfg.width)
+
+    trained = backbone()
     trained.load_weights(weights)
     keras.utils.set_random_seed(cfg.seed)
-    random = resnet50_backbone(shape)
-    random_bn = resnet50_backbone(shape)
+    random = backbone()
+    random_bn = backbone()
     random_bn.set_weights(random.get_weights())
     precise_batchnorm(random_bn, _tile_batches(cfg, cfg.train_split))
-    feats, styles = embed_images({"trained": trained, "random": random, "random_bn": random_bn}, cfg, split, data_dir)
+    feats, styles, patients = embed_images({"trained": trained, "random": random, "random_bn": random_bn}, cfg, split, data_dir)
     out = run / (f"invariance_{split}" if not data_dir else f"invariance_{Path(data_dir).name}_{split}")
     out.mkdir(exist_ok=True)
     result = {
         "run": str(run), "data_dir": str(data_dir or cfg.data_dir), "split": split, "method": cfg.contrastive.method,
         "images_per_style": {str(k): int(v) for k, v in zip(*np.unique(styles, return_counts=True))},
-        "probe_trained": linear_probe_accuracy(feats["trained"], styles, cfg.seed),
-        "probe_random_init": linear_probe_accuracy(feats["random"], styles, cfg.seed),
-        "probe_random_init_data_bn": linear_probe_accuracy(feats["random_bn"], styles, cfg.seed),
+        "probe_trained": linear_probe_accuracy(feats["trained"], styles, patients, cfg.seed),
+        "probe_random_init": linear_probe_accuracy(feats["random"], styles, patients, cfg.seed),
+        "probe_random_init_data_bn": linear_probe_accuracy(feats["random_bn"], styles, patients, cfg.seed),
     }
     plot_tsne({f"{cfg.contrastive.method} (trained)": feats["trained"], "random init": feats["random"],
                "random init, data BatchNorm": feats["random_bn"]}, styles, out / "tsne.png", cfg.seed)
@@ -212,7 +236,8 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     probe = result["probe_trained"]
     (out / "invariance.md").write_text(
         f"# Style invariance: {run.name} ({cfg.contrastive.method}), {split} split\n\n"
-        f"Linear-probe vendor-style accuracy on frozen embeddings ({probe['folds']}-fold, {probe['images']} images; "
+        f"Linear-probe vendor-style accuracy on frozen embeddings ({probe['folds']}-fold grouped by patient, "
+        f"{probe['images']} images of {probe['patients']} patients; "
         f"lower = more style-invariant; chance {probe['chance']:.3f}):\n\n"
         f"| backbone | style accuracy |\n|---|---|\n| {cfg.contrastive.method} | {t:.3f} |\n"
         f"| random init | {r:.3f} |\n| random init, BatchNorm statistics from the training images | {rb:.3f} |\n\n"

@@ -13,8 +13,10 @@ from mammodg.augment import (
     crop_input,
     evaluation_tiles,
     patch_decoder,
+    pair_types,
     positive_pairs,
     styled,
+    view_sides,
     views_per_sample,
 )
 from mammodg.io.manifest import LESION_CLASSES
@@ -92,6 +94,24 @@ def test_choose_and_styled_are_the_same_in_map(method):
 
 
 # --------------------------------------------------------------------------------------- behaviour
+def _assert_diversified(draws, sides, n=3):
+    """Style diversification (MSVCL v2 III-B, eq. 2) on each side: ``a`` and ``b`` uniform over the n
+    styles, ``alpha`` uniform over {0, 0.1, .., 1}, independently of each other and of the other side."""
+    from scipy.stats import chisquare
+
+    for side in sides:
+        a = np.array([d[f"style{side}_a"] for d in draws])
+        b = np.array([d[f"style{side}_b"] for d in draws])
+        alpha = np.round(np.array([d[f"alpha{side}"] for d in draws]) * 10).astype(int)
+        assert np.allclose(np.array([d[f"alpha{side}"] for d in draws]) * 10, alpha, atol=1e-5)
+        for values, k in ((a, n), (b, n), (alpha, 11), (a * n + b, n * n)):  # (a, b) jointly uniform
+            assert values.min() >= 0 and values.max() < k
+            assert chisquare(np.bincount(values, minlength=k)).pvalue > 1e-3
+    shares = [np.array([_style_weights(d, side, n) for d in draws]) for side in sides]
+    assert np.allclose(shares[0].mean(0), 1 / n, atol=0.05)  # each style a third of the pixels on average
+    assert np.abs(np.corrcoef(shares[0][:, 0], shares[1][:, 0])[0, 1]) < 0.15  # the two sides independent
+
+
 def _style_weights(d, side, n=3):
     """Each style's share of one side of a draw (eq. 2)."""
     w = np.zeros(n)
@@ -104,20 +124,20 @@ def _style_weights(d, side, n=3):
 def test_choose_follows_each_methods_definition(method):
     k = views_per_sample(method)
     draws = [{key: v.numpy() for key, v in choose(tf.constant(2), tf.constant(3), method, _seed(7, i)).items()}
-             for i in range(200)]
+             for i in range(600)]
     assert all(f"view{k}" in d and f"view{k + 1}" not in d for d in draws)
-    # MSVCL (section III-B): both losses, a multi-style pair and a multi-view pair sharing the CC anchor
-    assert positive_pairs(method) == (((0, 1), (0, 2)) if method == "msvcl" else ((0, 1),))
-    for i, j in positive_pairs(method):
+    # MSVCL (section III-B): both losses, a multi-style pair (of the CC) and a multi-view pair (CC, MLO)
+    assert positive_pairs(method) == (((0, 1), (2, 3)) if method == "msvcl" else ((0, 1),))
+    for (i, j), kind in zip(positive_pairs(method), pair_types(method)):
         views = np.array([(d[f"view{i + 1}"], d[f"view{j + 1}"]) for d in draws])
-        multi_view = method == "mvcl" or (method == "msvcl" and j == 2)
-        if multi_view:  # CC with MLO of the same breast
-            assert (views == [0, 1]).all()
-        elif method == "msvcl":  # the anchor CC in another style
+        if kind == "multi_view":  # CC with MLO of the same breast, each style diversified (MVCL v2)
+            assert (views == [0, 1]).all() and view_sides(method) == (i + 1, j + 1)
+            _assert_diversified(draws, (i + 1, j + 1))
+        elif method == "msvcl":  # the CC in two styles
             assert (views == 0).all()
         else:  # the same image twice, any view
             assert (views[:, 0] == views[:, 1]).all() and set(views[:, 0]) == {0, 1}
-        if method in ("mscl", "msvcl"):  # two different styles of the source: one pure, one blend
+        if kind == "multi_style":  # two different styles of the source: one pure, one blend
             w1 = np.array([_style_weights(d, i + 1) for d in draws])
             w2 = np.array([_style_weights(d, j + 1) for d in draws])
             pure1, pure2 = w1.max(1) == 1, w2.max(1) == 1
@@ -129,12 +149,8 @@ def test_choose_follows_each_methods_definition(method):
             assert set(pure.argmax(1)) == {0, 1, 2} and set(blend.argmax(1)) == {0, 1, 2}
             alphas = np.array([(d[f"alpha{i + 1}"], d[f"alpha{j + 1}"]) for d in draws])
             assert set(np.round(alphas.ravel() * 10).astype(int)) == set(range(6))  # with a <-> b: all of eq. 2's blends
-        else:
+        elif kind == "same_image":  # SimCLR: own style
             assert all(d[f"style{s}_{x}"] == 0 and d[f"alpha{s}"] == 0 for d in draws for s in (i + 1, j + 1) for x in "ab")
-    if method == "msvcl":  # the two partners of the anchor are drawn independently
-        w2 = np.array([_style_weights(d, 2) for d in draws])
-        w3 = np.array([_style_weights(d, 3) for d in draws])
-        assert (np.abs(w2 - w3).sum(1) > 0).mean() > 0.3
     one_view = choose(tf.constant(1), tf.constant(1), method, _seed(1, 2))
     assert all(int(one_view[f"view{s}"]) == 0 for s in range(1, k + 1))
 

@@ -14,7 +14,7 @@ from mammodg.preprocess.breast import from_stored, resize_stored, to_stored
 from mammodg.records.pairs import build_pairs, parse_pair
 from mammodg.records.reader import all_shards, load_index
 from mammodg.records.schema import model_input, parse
-from mammodg.augment import METHODS, pair_decoder, views_per_sample
+from mammodg.augment import METHODS, pair_decoder, view_sides, views_per_sample
 
 
 class GammaTransfer:
@@ -133,13 +133,16 @@ def test_decoder_renders_the_chosen_styles_and_views(pairs, monkeypatch):
     raws = list(tf.data.TFRecordDataset(sorted(all_shards(load_index(out), out, "train"))).take(6))
     chosen = _recording(monkeypatch, "choose")
     decode = _decoder("msvcl", rotation_deg=0.0, crop_scale=[1.0, 1.0], jitter=0.0, input_size=[64, 48])
+    from mammodg.records.pairs import patient_group_id
+
     for i, raw in enumerate(raws):
-        views, _ = decode(tf.constant(i, tf.int64), raw)
-        assert sorted(views) == ["view1", "view2", "view3"]
+        views, group = decode(tf.constant(i, tf.int64), raw)
+        assert sorted(views) == ["view1", "view2", "view3", "view4"]
         r = parse_pair(raw)
+        assert int(group) == int(patient_group_id(r["patient"]))  # the patient's group id, for NT-Xent's groups
         c = chosen[-1][2]
         n_styles = int(tf.size(r["styles"]))
-        for side in ("1", "2", "3"):
+        for side in ("1", "2", "3", "4"):
             v = int(c[f"view{side}"])
             a, b, alpha = int(c[f"style{side}_a"]), int(c[f"style{side}_b"]), float(c[f"alpha{side}"])
             img = [tf.io.decode_png(r["images"][v * n_styles + k], dtype=tf.uint16).numpy().astype(np.float32) for k in (a, b)]
@@ -152,13 +155,15 @@ def test_decoder_renders_the_chosen_styles_and_views(pairs, monkeypatch):
 @pytest.mark.parametrize("method", METHODS)
 def test_crops_of_one_view_share_a_breast_point(pairs, monkeypatch, method):
     """crop_overlap: the sides showing the same view of the breast are cropped around one breast point
-    (every style of a view has the same mask); sides of different views, or crop_overlap off, not."""
+    (every style of a view has the same mask); sides of different views, or crop_overlap off, not. The
+    multi-view sides are cropped at view_crop_scale, free of the point; the others at crop_scale."""
     out, _ = pairs
     raws = list(tf.data.TFRecordDataset(sorted(all_shards(load_index(out), out, "train"))).take(8))
     chosen, crops = _recording(monkeypatch, "choose"), _recording(monkeypatch, "augment")
     shared = 0
     for overlap in (True, False):
-        decode = _decoder(method, crop_overlap=overlap, input_size=[16, 12])
+        decode = _decoder(method, crop_overlap=overlap, input_size=[16, 12], crop_scale=[0.1, 0.2],
+                          view_crop_scale=[0.7, 0.9])
         for i, raw in enumerate(raws):
             crops.clear()
             decode(tf.constant(i, tf.int64), raw)
@@ -166,18 +171,78 @@ def test_crops_of_one_view_share_a_breast_point(pairs, monkeypatch, method):
             k = views_per_sample(method)
             assert len(crops) == k
             points = [kwargs.get("point") for _, kwargs, _ in crops]
+            scales = [kwargs["crop_scale"] for _, kwargs, _ in crops]
+            assert scales == [[0.7, 0.9] if s + 1 in view_sides(method) else [0.1, 0.2] for s in range(k)]
+            assert all(points[s - 1] is None for s in view_sides(method))
             if not overlap:
                 assert all(p is None for p in points)
                 continue
-            for (img, *_), p in zip((args for args, _, _ in crops), points):
+            small = [s for s in range(k) if s + 1 not in view_sides(method)]
+            for s in small:
+                img, p = crops[s][0][0], points[s]
                 h, w = img.shape[:2]
                 assert img[int(p[0] * h), int(p[1] * w), 0] >= 1.0  # a breast pixel
-            for s in range(k):
-                for t in range(s + 1, k):
+            for s in small:
+                for t in [t for t in small if t > s]:
                     same_view = int(c[f"view{s + 1}"]) == int(c[f"view{t + 1}"])
                     assert np.array_equal(points[s].numpy(), points[t].numpy()) == same_view
                     shared += same_view
     assert shared >= (0 if method == "mvcl" else len(raws))
+
+
+def test_groups_mask_the_other_breast_of_a_patient(pairs):
+    """The decoder's group ids reach NTXent(groups=True): in a batch holding both breasts of a patient,
+    their cross similarities are not negatives. Checked against eq. (1) in numpy with those entries removed."""
+    from mammodg.losses import NTXent
+
+    out, _ = pairs
+    raws = list(tf.data.TFRecordDataset(sorted(all_shards(load_index(out), out, "train"))))
+    decode = _decoder("mvcl", input_size=[16, 12])
+    groups = np.array([int(decode(tf.constant(i, tf.int64), raw)[1]) for i, raw in enumerate(raws)])
+    patients = [parse_pair(raw)["patient"].numpy() for raw in raws]
+    assert all((groups[a] == groups[b]) == (patients[a] == patients[b]) for a in range(len(raws)) for b in range(a))
+    n = len(raws)
+    assert len(set(groups)) < n  # some patient has both breasts in the batch
+    z = np.random.default_rng(0).normal(size=(n, 2, 8)).astype(np.float32)
+    got = float(NTXent(0.5, cross_replica=False, groups=True)(groups.astype(np.float32), z))  # y_true cast as Keras does
+    u = np.concatenate([z[:, 0], z[:, 1]])
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    sim, g, ref = u @ u.T / 0.5, np.concatenate([groups, groups]), []
+    for a in range(2 * n):
+        pos = (a + n) % (2 * n)
+        keep = [b for b in range(2 * n) if b != a and (g[b] != g[a] or b == pos)]
+        ref.append(-sim[a, pos] + np.log(np.exp(sim[a, keep]).sum()))
+    assert got == pytest.approx(np.mean(ref), rel=1e-5)
+    assert got != pytest.approx(float(NTXent(0.5, cross_replica=False)(groups, z)), rel=1e-3)  # the mask matters
+
+
+def test_pair_scores_per_type_with_exact_chance():
+    """Validation scores on a hand-made embedding: per pair type, top-1 hits and chance 1 / (2N - 1 - the
+    anchor's masked same-patient candidates)."""
+    from mammodg.stages.contrastive import pair_scores
+
+    e = np.eye(8, dtype=np.float32)
+    z = np.stack([e[:4], e[:4], e[4:], e[[5, 4, 6, 7]]], axis=1)  # (4 samples, 4 views, 8)
+    groups = np.array([7, 7, 8, 9])  # samples 0 and 1: both breasts of one patient
+    scores = pair_scores(z, groups, "msvcl", 0.1)
+    assert set(scores) == {"multi_style", "multi_view"}
+    chance = np.array([1 / 5, 1 / 5, 1 / 7, 1 / 7] * 2)  # 2N - 1 = 7 candidates, less 2 for patient 7's anchors
+    for kind in scores:
+        np.testing.assert_allclose(scores[kind]["top1_chance"], chance)
+    np.testing.assert_array_equal(scores["multi_style"]["top1"], np.ones(8))  # identical positives
+    # multi-view: samples 0 and 1 (one patient) have swapped MLOs: masked, the swapped partner is not retrieved
+    assert scores["multi_view"]["top1"][[2, 3, 6, 7]].all()
+    assert scores["multi_view"]["top1"][[0, 1]].sum() < 2  # ties at 0: the first candidate, not the swapped one
+    assert np.isfinite(scores["multi_view"]["nt_xent"]).all() and scores["multi_view"]["nt_xent"].shape == (8,)
+
+
+def test_validation_has_at_least_32_breasts_or_all():
+    from mammodg.stages.contrastive import validation_size
+
+    cfg = TrainConfig(stage="contrastive", batch_size=4)
+    assert validation_size(cfg, 100) == 32 and validation_size(cfg, 12) == 12
+    cfg.batch_size = 64
+    assert validation_size(cfg, 100) == 64 and validation_size(cfg, 40) == 40
 
 
 def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp_path):
@@ -194,6 +259,8 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     assert main(args) == 0
     history = json.loads((run / "history.json").read_text())
     assert [h["step"] for h in history] == [2, 4] and all(np.isfinite(h["global"]["nt_xent"]) for h in history)
+    for kind in ("multi_style", "multi_view"):  # each pair type with its chance level beside it
+        assert all(0 <= h["global"][f"{kind}_top1"] <= 1 and 0 < h["global"][f"{kind}_top1_chance"] <= 1 for h in history)
     assert (run / "backbone.weights.h5").is_file() and (run / "saved_model" / "saved_model.pb").is_file()
     # the SavedModel, reloaded in a fresh process, gives the Keras backbone's embeddings
     x = np.random.default_rng(0).uniform(size=(3, 32, 32, 1)).astype(np.float32)
@@ -204,9 +271,11 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
         np.save({str(tmp_path / 'y.npy')!r}, m.serve(tf.constant(np.load({str(tmp_path / 'x.npy')!r}))).numpy())
     """)
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
-    from mammodg.models.resnet import resnet50_backbone
+    from mammodg.config import load
+    from mammodg.models.resnet import build_backbone
 
-    backbone = resnet50_backbone((32, 32, 1))
+    cfg = load(TrainConfig, run / "config.yaml")  # the demo config's encoder, with the --set values
+    backbone = build_backbone(cfg.contrastive.backbone, (32, 32, 1), width=cfg.width)
     backbone.load_weights(run / "backbone.weights.h5")
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), backbone.predict(x, verbose=0), atol=1e-5)
     assert main(args) == 0  # a finished run is not retrained
@@ -231,6 +300,26 @@ def test_linear_probe_sees_style_only_when_embeddings_carry_it():
     assert blind["accuracy"] < 0.55 and blind["chance"] == pytest.approx(1 / 3)
     lone = linear_probe_accuracy(noise[:81], np.append(styles[:80], "D"))  # a style with 1 image is dropped
     assert lone["dropped_styles"] == ["D"] and lone["images"] == 80
+
+
+def test_probe_folds_keep_each_patient_in_one_fold():
+    """GroupKFold by patient: a patient's images (here 2 to 4 each, of one or several styles) are all on
+    one side of every split, every image is tested once, and the styles stay in every training part."""
+    from mammodg.evaluate import linear_probe_accuracy, probe_folds
+
+    rng = np.random.default_rng(1)
+    patients = np.repeat(np.arange(30), rng.integers(2, 5, 30))
+    styles = np.array(["A", "B", "C"])[(patients + rng.integers(0, 2, len(patients))) % 3]
+    folds = probe_folds(styles, patients, seed=0)
+    assert len(folds) == 5
+    tested = np.concatenate([test for _, test in folds])
+    assert sorted(tested) == list(range(len(patients)))
+    for train, test in folds:
+        assert not set(patients[train]) & set(patients[test])
+        assert set(styles[train]) == {"A", "B", "C"}
+    # a patient-specific embedding (no style in it) gives a style probe at chance when grouped
+    feats = rng.normal(size=(30, 16))[patients] + 0.05 * rng.normal(size=(len(patients), 16))
+    assert linear_probe_accuracy(feats, styles, patients)["accuracy"] < 0.6
 
 
 def test_optimizer_choice_and_peak_rate():
@@ -324,3 +413,18 @@ def test_same_seed_gives_the_same_batches(tiny_records, pairs):
     pcfg.patch.patch_size = 16
     ref = first(patch_batches(pcfg), 3)
     assert equal(ref, first(patch_batches(pcfg), 3))
+
+
+def test_resnet18_backbone_shape():
+    """ResNet-18 (He et al. 2016): 17 3x3/7x7 convolutions + 3 projection shortcuts, 8 x base features."""
+    import keras
+
+    from mammodg.models.resnet import build_backbone
+
+    m = build_backbone("resnet18", (32, 24, 1), width=0.25)
+    convs = [la for la in m.layers if isinstance(la, keras.layers.Conv2D)]
+    assert len(convs) == 20 and sum(la.kernel_size == (1, 1) for la in convs) == 3
+    assert m.output_shape == (None, 128) and convs[0].filters == 16
+    assert m.predict(np.zeros((2, 32, 24, 1), np.float32), verbose=0).shape == (2, 128)
+    with pytest.raises(ValueError, match="only for backbone resnet50"):
+        build_backbone("resnet18", (32, 24, 1), weights="w.h5")

@@ -3,8 +3,10 @@ and blending, patches, evaluation tiles), tested eagerly and inside ``tf.data.Da
 from mammodg.augment.crops import augment, breast_point, crop_box, crop_input
 from mammodg.augment.pairs import pair_decoder
 from mammodg.augment.patches import patch_decoder
-from mammodg.augment.styles import METHODS, choose, multi_style, positive_pairs, styled, views_per_sample
+from mammodg.augment.styles import (METHODS, PAIR_TYPES, choose, diversified_style, multi_style, pair_types,
+                                    positive_pairs, styled, uses_styles, view_sides, views_per_sample)
 from mammodg.augment.tiles import evaluation_tiles
 
-__all__ = ["METHODS", "augment", "breast_point", "choose", "crop_box", "crop_input", "evaluation_tiles",
-           "multi_style", "pair_decoder", "patch_decoder", "positive_pairs", "styled", "views_per_sample"]
+__all__ = ["METHODS", "PAIR_TYPES", "augment", "breast_point", "choose", "crop_box", "crop_input", "diversified_style",
+           "evaluation_tiles", "multi_style", "pair_decoder", "pair_types", "patch_decoder", "positive_pairs", "styled",
+           "uses_styles", "view_sides", "views_per_sample"]

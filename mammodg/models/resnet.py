@@ -1,9 +1,10 @@
-"""ResNet-50 encoder with a projection head for contrastive pre-training (MSVCL v2 section IV-B).
+"""ResNet encoders with a projection head for contrastive pre-training (MSVCL v2 section IV-B).
 
-The backbone is ``keras.applications.ResNet50`` with a 1-channel input and global average pooling
+The paper's backbone is ``keras.applications.ResNet50`` with a 1-channel input and global average pooling
 (2048 features). Nothing is ever downloaded: ``weights`` is None (random) or the path of a local
 ImageNet weights file for the 3-channel network; its first convolution is converted to one channel
 by summing the kernel over RGB (a grey image x gives the same response as the RGB image (x, x, x)).
+A ResNet-18-shaped encoder of explicit width (``resnet18_backbone``) serves small runs such as the demo.
 """
 from __future__ import annotations
 
@@ -36,6 +37,39 @@ def resnet50_backbone(input_shape=(None, None, 1), weights: str | None = None, n
     return model
 
 
+@register("resnet18_backbone")
+def resnet18_backbone(input_shape=(None, None, 1), width: float = 1.0, name: str = BACKBONE_NAME):
+    """(h, w, 1) image -> ``8 * base`` pooled features: ResNet-18 (He et al. 2016: 7x7 stem, max pool, 4
+    stages of 2 basic blocks) with ``base = round(64 * width)`` filters in its first stage."""
+    layers = keras.layers
+    base = max(4, round(64 * width))
+
+    def conv_bn(x, filters, kernel, stride, relu=True):
+        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(epsilon=1.001e-5)(x)
+        return layers.ReLU()(x) if relu else x
+
+    inputs = keras.Input(tuple(input_shape))
+    x = layers.MaxPooling2D(3, strides=2, padding="same")(conv_bn(inputs, base, 7, 2))
+    for stage in range(4):
+        filters = base * 2 ** stage
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            shortcut = x if stride == 1 and x.shape[-1] == filters else conv_bn(x, filters, 1, stride, relu=False)
+            y = conv_bn(conv_bn(x, filters, 3, stride), filters, 3, 1, relu=False)
+            x = layers.ReLU()(layers.Add()([shortcut, y]))
+    return keras.Model(inputs, layers.GlobalAveragePooling2D()(x), name=name)
+
+
+def build_backbone(kind: str = "resnet50", input_shape=(None, None, 1), weights: str | None = None, width: float = 1.0):
+    """The contrastive backbone ``kind`` (``contrastive.backbone``): ImageNet ``weights`` only for ResNet-50."""
+    if kind == "resnet18":
+        if weights:
+            raise ValueError("contrastive.weights: ImageNet weights exist only for backbone resnet50")
+        return resnet18_backbone(input_shape, width)
+    return resnet50_backbone(input_shape, weights)
+
+
 def view_names(views: int = 2) -> tuple[str, ...]:
     """Input names of a contrastive model with ``views`` views per sample: view1, view2, ..."""
     return tuple(f"view{i + 1}" for i in range(views))
@@ -43,7 +77,8 @@ def view_names(views: int = 2) -> tuple[str, ...]:
 
 @register("contrastive_model")
 def contrastive_model(input_shape=(512, 384, 1), projection_dim: int = 128, hidden_dim: int = 2048,
-                      weights: str | None = None, bn_momentum: float = 0.9, views: int = 2):
+                      weights: str | None = None, bn_momentum: float = 0.9, views: int = 2,
+                      backbone: str = "resnet50", width: float = 1.0):
     """``views`` inputs ``{"view1", "view2", ...}`` -> projections stacked as (b, views, projection_dim).
 
     All views go through the same backbone and the same MLP projection head (Dense-ReLU-Dense, SimCLR)
@@ -55,7 +90,7 @@ def contrastive_model(input_shape=(512, 384, 1), projection_dim: int = 128, hidd
     BatchNorm momentum is 0.9 (SimCLR's batch_norm_decay) instead of Keras' 0.99, so the moving
     statistics used at validation and export follow the weights within tens of steps.
     """
-    backbone = resnet50_backbone(input_shape, weights)
+    backbone = build_backbone(backbone, input_shape, weights, width)
     for layer in backbone.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = bn_momentum

@@ -1,4 +1,4 @@
-"""``--stage contrastive``: multi-style / multi-view contrastive pre-training of a ResNet-50 backbone
+"""``--stage contrastive``: multi-style / multi-view contrastive pre-training of a ResNet backbone
 (MSVCL v2 sections III-A/B, IV-B). Methods, augmentations and optimizer: README, "Contrastive pre-training".
 
 Inputs: the breast-level pair records of ``contrastive.pairs_dir`` (``mammodg build-pairs``). Output: the
@@ -32,15 +32,15 @@ def pairs_dir(cfg: TrainConfig) -> Path:
 
 def check_pairs(cfg: TrainConfig) -> Path:
     """The pair records, or an error naming the command that builds them."""
-    from mammodg.augment import multi_style
+    from mammodg.augment import uses_styles
     from mammodg.records.writer import INDEX_NAME
 
     out, c = pairs_dir(cfg), cfg.contrastive
     build = f"mammodg build-pairs --data {cfg.data_dir} --out {out}"
     if not (out / INDEX_NAME).is_file():
-        styles = f" --cyclegan {c.cyclegan_run or 'RUN'}" if multi_style(c.method) else ""
+        styles = f" --cyclegan {c.cyclegan_run or 'RUN'}" if uses_styles(c.method) else ""
         raise FileNotFoundError(f"contrastive.pairs_dir: {out / INDEX_NAME} not found; build it with `{build}{styles}`")
-    if multi_style(c.method) and c.cyclegan_run and not json.loads((out / INDEX_NAME).read_text())["seen_styles"]:
+    if uses_styles(c.method) and c.cyclegan_run and not json.loads((out / INDEX_NAME).read_text())["seen_styles"]:
         raise FileNotFoundError(f"contrastive.pairs_dir: {out} holds no style transfers but {c.method} needs them; "
                                 f"rebuild it with `{build} --cyclegan {c.cyclegan_run}`")
     return out
@@ -52,7 +52,7 @@ def _decoder(cfg: TrainConfig):
     c = cfg.contrastive
     return pair_decoder(c.method, cfg.seed, input_size=c.input_size, crop_scale=c.crop_scale,
                         rotation_deg=c.rotation_deg, jitter=c.jitter, target_mean=cfg.target_mean,
-                        crop_overlap=c.crop_overlap)
+                        crop_overlap=c.crop_overlap, view_crop_scale=c.view_crop_scale or None)
 
 
 def contrastive_batches(cfg: TrainConfig, start_step: int = 0):
@@ -64,37 +64,80 @@ def contrastive_batches(cfg: TrainConfig, start_step: int = 0):
                            shuffle_budget=cfg.shuffle_budget)
 
 
+def validation_size(cfg: TrainConfig, count: int) -> int:
+    """Breasts per validation batch: ``contrastive.val_breasts`` (at least 32 by default) or the training
+    batch if larger, all ``count`` validation breasts if fewer. Retrieval among few breasts is noisy and
+    its chance level high, so the validation batch never follows a small training batch down."""
+    return min(count, max(cfg.contrastive.val_breasts, cfg.batch_size))
+
+
 def validation_batches(cfg: TrainConfig):
-    """The validation breasts once, with the same augmentations at every validation."""
+    """The validation breasts once, in batches of :func:`validation_size`, with the same augmentations at
+    every validation. Returns (batches, breasts per batch, breasts in the split)."""
     from mammodg.sampling.indexed import indexed_split
 
     ds, count = indexed_split(pairs_dir(cfg), _decoder(cfg), split=cfg.val_split)
-    return ds.batch(max(2, min(cfg.batch_size, count)), drop_remainder=True)
+    if count < 2:
+        raise ValueError(f"validation split {cfg.val_split!r} of {pairs_dir(cfg)} has {count} breast(s); "
+                         "contrastive validation needs at least 2")
+    size = validation_size(cfg, count)
+    return ds.batch(size, drop_remainder=True), size, count
+
+
+def pair_scores(z: np.ndarray, groups, method: str, temperature: float) -> dict:
+    """Per pair type of ``method`` (multi-style, multi-view, same-image): NT-Xent, positive top-1 and its
+    chance level, each as (2N,) values per anchor, from projections ``z`` (N, views, d) of one batch and
+    the samples' ``groups``. Same-group candidates other than the positive are masked in both."""
+    from keras import ops
+
+    from mammodg.augment import pair_types, positive_pairs
+    from mammodg.losses import nt_xent_per_anchor
+    from mammodg.metrics import positive_top1_chance, positive_top1_hits
+
+    out = {}
+    for (i, j), kind in zip(positive_pairs(method), pair_types(method)):
+        out[kind] = {"nt_xent": ops.convert_to_numpy(nt_xent_per_anchor(z[:, i], z[:, j], temperature, groups)),
+                     "top1": positive_top1_hits(z[:, i], z[:, j], groups).astype(float),
+                     "top1_chance": positive_top1_chance(len(z), groups)}
+    return out
+
+
+def format_scores(scores: dict, method: str) -> str:
+    """One line: NT-Xent and top-1 of each pair type, its chance level beside it."""
+    from mammodg.augment import pair_types
+
+    return "  ".join(f"{kind}: NT-Xent {scores[f'{kind}_nt_xent']:.3f} top-1 {scores[f'{kind}_top1']:.3f} "
+                     f"(chance {scores[f'{kind}_top1_chance']:.3f})" for kind in pair_types(method))
 
 
 def _validate(cfg: TrainConfig):
-    """NT-Xent and positive-retrieval accuracy of every positive pair on the validation breasts."""
+    """NT-Xent and positive top-1 (with its chance level) of each pair type on the validation breasts.
+
+    Scores go to history.json as ``global`` keys ``<type>_nt_xent``, ``<type>_top1``, ``<type>_top1_chance``
+    and ``nt_xent`` (the mean over pair types, the monitored value)."""
     import keras
 
-    from mammodg.augment import positive_pairs
-    from mammodg.losses import nt_xent_per_anchor
-    from mammodg.metrics import positive_top1_hits
-
-    pairs = positive_pairs(cfg.contrastive.method)
+    c = cfg.contrastive
+    told = []
 
     def validate(model):
-        losses, hits = [], []
-        for b, (x, _) in enumerate(validation_batches(cfg)):
+        batches, size, count = validation_batches(cfg)
+        if not told:
+            few = f" (fewer than {c.val_breasts}: all of them)" if count < c.val_breasts else ""
+            print(f"validation: {count} breasts of split {cfg.val_split!r}{few}, in batches of {size}", flush=True)
+            told.append(True)
+        per = {}
+        for b, (x, g) in enumerate(batches):
             if cfg.val_max_batches and b >= cfg.val_max_batches:
                 break
             z = keras.ops.convert_to_numpy(model(x, training=False))
-            for i, j in pairs:
-                losses.append(keras.ops.convert_to_numpy(nt_xent_per_anchor(z[:, i], z[:, j], cfg.contrastive.temperature)))
-                hits.append(positive_top1_hits(z[:, i], z[:, j]))
-        if not losses:
-            raise ValueError(f"validation split {cfg.val_split!r} of {pairs_dir(cfg)} has fewer than 2 breasts")
-        loss, acc = float(np.concatenate(losses).mean()), float(np.concatenate(hits).mean())
-        return {"global": {"nt_xent": loss, "positive_top1": acc}, "monitor": loss}
+            for kind, vals in pair_scores(z, g.numpy(), c.method, c.temperature).items():
+                for k, v in vals.items():
+                    per.setdefault(kind, {}).setdefault(k, []).append(v)
+        scores = {f"{kind}_{k}": float(np.concatenate(v).mean()) for kind, vals in per.items() for k, v in vals.items()}
+        loss = float(np.mean([scores[f"{kind}_nt_xent"] for kind in per]))
+        print(format_scores(scores, c.method), flush=True)
+        return {"global": {"nt_xent": loss, **scores}, "monitor": loss}
 
     return validate
 
@@ -110,8 +153,9 @@ def contrastive_task(cfg: TrainConfig) -> Task:
     return Task(
         build_model=lambda: models.build("contrastive_model", input_shape=(*c.input_size, 1),
                                          projection_dim=c.projection_dim, hidden_dim=c.hidden_dim,
-                                         weights=c.weights or None, views=views_per_sample(c.method)),
-        loss=NTXent(c.temperature, pairs=positive_pairs(c.method)),
+                                         weights=c.weights or None, views=views_per_sample(c.method),
+                                         backbone=c.backbone, width=cfg.width),
+        loss=NTXent(c.temperature, pairs=positive_pairs(c.method), groups=True),  # y_true: patient group ids
         batches=lambda start: contrastive_batches(cfg, start),
         validate=_validate(cfg), learning_rate=cfg.learning_rate,
         optimizer=contrastive_optimizer(c.optimizer, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
@@ -125,6 +169,10 @@ def run(cfg: TrainConfig):
     check_pairs(cfg)
     model = Trainer(cfg, cfg.resolved_run_dir(), contrastive_task(cfg)).run()
     run_dir = Path(cfg.resolved_run_dir())
+    history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").is_file() else []
+    if history:  # the learning figures at the end of the log
+        print(f"last validation (step {history[-1]['step']}): {format_scores(history[-1]['global'], cfg.contrastive.method)}",
+              flush=True)
     backbone = backbone_of(model)
     backbone.save_weights(run_dir / "backbone.weights.h5")
     print(f"backbone weights (best EMA): {run_dir / 'backbone.weights.h5'}", flush=True)
