@@ -216,7 +216,9 @@ def _birads(run: Path, cfg) -> dict:
             ids = ids.write(i, tf.fill([n], r["image_id"]))
             index = index.write(i, tf.range(n))
         all_crops = tf.ensure_shape(crops.concat(), [None, c.crop_size, c.crop_size, 1])
-        return {**outputs(all_crops), "image_id": ids.concat(), "box_index": index.concat()}
+        n = tf.shape(all_crops)[0]  # one blank crop appended: records without boxes give a non-empty batch
+        scored = outputs(tf.concat([all_crops, tf.zeros([1, c.crop_size, c.crop_size, 1], tf.uint16)], 0))
+        return {**{k: v[:n] for k, v in scored.items()}, "image_id": ids.concat(), "box_index": index.concat()}
 
     module.serve_examples = serve_examples
     return {"": module}

@@ -40,9 +40,9 @@ def rated_masses(r):
     return out
 
 
-def cfg_for(stage, data_dir, tmp_path, **sets):
+def cfg_for(stage, data_dir, tmp_path, pairs=None, **sets):
     base = {"birads": ["birads.backbone=tiny", "birads.crop_size=32"],
-            "density": ["density.backbone=tiny", "density.input_size=[64, 48]", f"density.pairs_dir={tmp_path / 'pairs'}"]}
+            "density": ["density.backbone=tiny", "density.input_size=[64, 48]", f"density.pairs_dir={pairs or tmp_path / 'pairs'}"]}
     return [f"data_dir={data_dir}", f"run_dir={tmp_path / stage}", "batch_size=8", "steps=2", "val_every=2",
             "val_max_batches=2", "strategy=natural", *base[stage], *[f"{k}={v}" for k, v in sets.items()]]
 
@@ -107,7 +107,7 @@ def test_density_views_share_augmentation(tiny_records, pairs, tmp_path):
     from mammodg.augment.downstream import density_input
     from mammodg.stages.density import augment_breast, breast_views, density_batches
 
-    cfg = load(TrainConfig, "demo/density.yaml", cfg_for("density", tiny_records, tmp_path) + ["stage=density"])
+    cfg = load(TrainConfig, "demo/density.yaml", cfg_for("density", tiny_records, tmp_path, pairs) + ["stage=density"])
     files = sorted(all_shards(load_index(pairs), pairs, "train"))
     c = cfg.density
     checked = 0
@@ -133,7 +133,7 @@ def test_label_fraction_keeps_whole_patients_in_stream(stage, tiny_records, pair
     from mammodg.stages.birads import birads_samples
     from mammodg.stages.density import density_samples
 
-    cfg = load(TrainConfig, f"demo/{stage}.yaml", cfg_for(stage, tiny_records, tmp_path, label_fraction=0.4) + [f"stage={stage}"])
+    cfg = load(TrainConfig, f"demo/{stage}.yaml", cfg_for(stage, tiny_records, tmp_path, pairs, label_fraction=0.4) + [f"stage={stage}"])
     if stage == "birads":
         per_patient = collections.Counter()
         for r in train_records(tiny_records):
@@ -196,8 +196,7 @@ def test_density_cli_train_evaluate_export(tiny_records, pairs, tmp_path):
     from mammodg.augment.downstream import density_input
     from mammodg.stages.density import build_density_model
 
-    sets = cfg_for("density", tiny_records, tmp_path)
-    (tmp_path / "pairs").symlink_to(pairs)
+    sets = cfg_for("density", tiny_records, tmp_path, pairs)
     assert main(["train", "--stage", "density", *sum([["--set", s] for s in sets], [])]) == 0
     run = tmp_path / "density"
     assert main(["evaluate", "--stage", "density", "--run", str(run), "--n-boot", "200"]) == 0
