@@ -222,3 +222,22 @@ def test_missing_pairs_or_no_labels_is_exit_2(tiny_records, tmp_path, capsys):
     sets = cfg_for("birads", tiny_records, tmp_path, label_fraction=1e-9)
     assert main(["train", "--stage", "birads", *sum([["--set", s] for s in sets], [])]) == 2
     assert "no rated mass boxes to train on" in capsys.readouterr().err
+
+
+def test_backbone_from_contrastive_run(tmp_path):
+    """``backbone_from``: the contrastive run's backbone.weights.h5 lands in the classifier's ResNet-50."""
+    from mammodg.config import BiradsConfig
+    from mammodg.models.resnet import resnet50_backbone
+    from mammodg.stages.birads import downstream_model, init_backbone
+
+    tf.keras.utils.set_random_seed(1)
+    source = resnet50_backbone((32, 32, 1))
+    source.save_weights(tmp_path / "backbone.weights.h5")
+    c = BiradsConfig(backbone_from=str(tmp_path), crop_size=32)
+    model = downstream_model(c, (32, 32, 1), 5, "birads_classifier")
+    inner = model.get_layer("backbone_features")
+    assert not np.allclose(inner.get_layer("conv1_conv").kernel.numpy(), source.get_layer("conv1_conv").kernel.numpy())
+    init_backbone(c, (32, 32, 1))(model)
+    for name in ("conv1_conv", "conv3_block2_2_bn", "conv5_block3_3_conv"):
+        for a, b in zip(inner.get_layer(name).get_weights(), source.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
