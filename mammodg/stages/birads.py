@@ -48,6 +48,8 @@ def init_backbone(c, input_shape):
         from mammodg.models.fcos import resnet50_features
 
         path = Path(c.backbone_from) / "backbone.weights.h5"
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone_from: {path} not found (train it with `mammodg train --stage contrastive`)")
         loaded = resnet50_features(tuple(input_shape), backbone_weights=str(path))
         model.get_layer("backbone_features").set_weights(loaded.get_weights())
         print(f"backbone initialised from {path}", flush=True)
