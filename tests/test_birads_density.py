@@ -168,10 +168,12 @@ def test_birads_cli_train_evaluate_export(tiny_records, tmp_path, capsys):
     model = build_birads_model(cfg)
     model.load_weights(run / "best.weights.h5")
     probs, y, segs = birads_predictions(model, cfg, "val")
-    counts = collections.Counter()
+    labels = collections.defaultdict(list)
     for r in train_records(tiny_records, "val"):
-        counts[r["data_segment"]] += len(rated_masses(r))
-    assert {s: d["n"] for s, d in rep["domains"].items()} == {s: n for s, n in counts.items() if n}
+        labels[r["data_segment"]] += rated_masses(r)
+    assert {s: d["n"] for s, d in rep["domains"].items()} == {s: len(v) for s, v in labels.items() if v}
+    for s, v in labels.items():  # the crops carry the hand rule's labels
+        assert sorted(y[segs == s]) == sorted(v)
     for s, d in rep["domains"].items():
         assert d["accuracy"] == pytest.approx(float((probs.argmax(1) == y)[segs == s].mean()))
         assert d["ci_low"] <= d["accuracy"] <= d["ci_high"] and d["seen"]
