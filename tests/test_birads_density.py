@@ -192,7 +192,7 @@ def test_birads_cli_train_evaluate_export(tiny_records, tmp_path, capsys):
     assert len(r) and ex["box_index"].shape[0] == len(crops)
 
 
-def test_density_cli_train_evaluate_export(tiny_records, pairs, tmp_path):
+def test_density_cli_train_evaluate_export(tiny_records, pairs, phantoms, tmp_path):
     from test_export import both, serve, stored_images
 
     from mammodg.augment.downstream import density_input
@@ -206,6 +206,18 @@ def test_density_cli_train_evaluate_export(tiny_records, pairs, tmp_path):
     counts = collections.Counter(r["data_segment"] for r in train_records(tiny_records, "val") if r["density"])
     assert {s: d["n"] for s, d in rep["domains"].items()} == dict(counts)
     assert rep["seen_average"]["ci_low"] <= rep["seen_average"]["accuracy"] <= rep["seen_average"]["ci_high"]
+    # other data (--data): its segments (by manufacturer only) are not the run's, so every domain is unseen
+    from mammodg.config import BuildConfig, PreprocessConfig
+    from mammodg.records.writer import build
+
+    other = tmp_path / "vendors"
+    build(phantoms, other, BuildConfig(preprocess=PreprocessConfig(height=64, width=48), segment_keys=["manufacturer"],
+                                       pseudonym_salt="test-salt-16chars", workers=1), progress=False)
+    assert main(["evaluate", "--stage", "density", "--run", str(run), "--data", str(other), "--n-boot", "200"]) == 0
+    unseen = json.loads((run / "accuracy_vendors_val" / "accuracy.json").read_text())
+    assert unseen["seen_average"] is None and not any(d["seen"] for d in unseen["domains"].values())
+    assert unseen["unseen_average"]["accuracy"] == pytest.approx(np.mean([d["accuracy"] for d in unseen["domains"].values()]))
+    assert len(unseen["domains"]) == 3
     cfg = load(TrainConfig, run / "config.yaml")
     model = build_density_model(cfg)
     model.load_weights(run / "best.weights.h5")
