@@ -326,6 +326,36 @@ class ContrastiveConfig:
 
 
 @dataclasses.dataclass
+class DownstreamConfig:
+    """Shared fields of the classification downstream stages (MSVCL v2 section IV-B): SGD with momentum and
+    weight decay on a ResNet-50 initialised from a contrastive run."""
+
+    backbone_from: str = ""  # a contrastive run folder (its backbone.weights.h5); "" = random initialisation
+    backbone: Literal["resnet50", "tiny"] = "resnet50"  # tiny: a few convolutions, for tests and demos only
+    momentum: float = 0.9
+    weight_decay: float = 1e-5  # Keras SGD's decoupled decay (lr x weight_decay x w per step)
+    flip: bool = True  # random horizontal and vertical flips
+    scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.9, 1.1])  # random zoom about the centre
+
+
+@dataclasses.dataclass
+class BiradsConfig(DownstreamConfig):
+    """``--stage birads``: 5 BI-RADS classes (2-3, 4A, 4B, 4C, 5) of lesion ROI crops."""
+
+    crop_size: int = 224
+    enlarge: float = 0.2  # the square crop's side is (1 + enlarge) x the box's long side
+    masses_only: bool = True  # only boxes whose lesion class names a mass (the paper rates masses)
+
+
+@dataclasses.dataclass
+class DensityConfig(DownstreamConfig):
+    """``--stage density``: non-dense (A/B) vs dense (C/D) on whole images; trained on breast pair records."""
+
+    pairs_dir: str = ""  # breast pair records (mammodg build-pairs); default <run_dir>/../pairs
+    input_size: list[int] = dataclasses.field(default_factory=lambda: [224, 224])
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """A training stage (``mammodg train --stage S``); paper defaults in configs/periodic_sampling/."""
 
@@ -350,6 +380,11 @@ class TrainConfig:
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     cyclegan: CycleGANConfig = dataclasses.field(default_factory=CycleGANConfig)
     contrastive: ContrastiveConfig = dataclasses.field(default_factory=ContrastiveConfig)
+    # share of the labelled training patients the downstream stages (detection, matching, birads, density)
+    # train on, in (0, 1]: deterministic patient-level subsampling (mammodg.sampling.label_fraction)
+    label_fraction: float = 1.0
+    birads: BiradsConfig = dataclasses.field(default_factory=BiradsConfig)
+    density: DensityConfig = dataclasses.field(default_factory=DensityConfig)
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or f"runs/{self.stage}"

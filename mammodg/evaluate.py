@@ -245,3 +245,38 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     return {"json": out / "invariance.json", "markdown": out / "invariance.md", "tsne": out / "tsne.png",
             "style_accuracy": round(t, 4), "style_accuracy_random_init": round(r, 4),
             "style_accuracy_random_init_data_bn": round(rb, 4)}
+
+
+def evaluate_downstream(run: Path, *, split: str = "val", data_dir: str | None = None, n_boot: int = 2000) -> dict:
+    """A birads or density run: accuracy per domain (data segment) of ``split`` of its own records or of
+    ``data_dir``, with seen / unseen averages, bootstrap CIs and the majority-class rate
+    (:func:`mammodg.metrics.accuracy.accuracy_report`). Seen domains: the segments of the run's training split."""
+    from mammodg.config import TrainConfig, load
+    from mammodg.io.atomic import atomic_write_json
+    from mammodg.metrics.accuracy import accuracy_report, format_accuracy_table
+    from mammodg.records.reader import load_index
+    from mammodg.stages import birads, density
+
+    cfg_path = Path(run) / "config.yaml"
+    if not cfg_path.is_file() or not (Path(run) / "best.weights.h5").is_file():
+        raise FileNotFoundError(f"{run} is not a finished training run (config.yaml / best.weights.h5 missing)")
+    cfg = load(TrainConfig, cfg_path)
+    stages = {"birads": (birads.build_birads_model, birads.birads_predictions),
+              "density": (density.build_density_model, density.density_predictions)}
+    if cfg.stage not in stages:
+        raise ValueError(f"{run}: this run is stage {cfg.stage!r}, not birads or density")
+    build, predict = stages[cfg.stage]
+    model = build(cfg)
+    model.load_weights(Path(run) / "best.weights.h5")
+    probs, y, segs = predict(model, cfg, split, data_dir)
+    seen = sorted(load_index(cfg.data_dir)["splits"].get(cfg.train_split, {}))
+    report = accuracy_report(y, probs.argmax(axis=1) if len(y) else y, segs, seen, n_boot=n_boot, seed=cfg.seed)
+    out = Path(run) / (f"accuracy_{split}" if not data_dir else f"accuracy_{Path(data_dir).name}_{split}")
+    out.mkdir(exist_ok=True)
+    atomic_write_json(out / "accuracy.json", {"run": Path(run).name, "stage": cfg.stage, "split": split,
+                                              "seen_domains": seen, **report})
+    title = f"{cfg.stage} accuracy: {Path(run).name}, {split} split" + (f" of {Path(data_dir).name}" if data_dir else "")
+    (out / "accuracy.md").write_text(format_accuracy_table(report, title))
+    g = report["global"]
+    return {"json": out / "accuracy.json", "markdown": out / "accuracy.md", "accuracy": g["accuracy"],
+            "majority_rate": g["majority_rate"]}

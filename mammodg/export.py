@@ -174,7 +174,76 @@ def _cyclegan(run: Path, cfg) -> dict:
     return out
 
 
-STAGE_EXPORTS = {"patch": _patch, "classifier": _classifier, "contrastive": _contrastive, "cyclegan": _cyclegan}
+def _trained(run: Path, cfg):
+    """A downstream run's model (architecture from its ``last.keras``) with its best EMA weights."""
+    import keras
+
+    import mammodg.models  # noqa: F401  (registers the backbones' layers)
+
+    model = keras.models.load_model(_need(run / "last.keras", _train_hint(run, cfg.stage)), compile=False)
+    model.load_weights(_need(run / "best.weights.h5", _train_hint(run, cfg.stage)))
+    return model
+
+
+def _birads(run: Path, cfg) -> dict:
+    """BI-RADS of lesion ROI crops. ``serve_images`` takes uint16 ``(b, s, s, 1)`` crops of the stored image
+    (:func:`mammodg.augment.downstream.stored_roi_crops`: square, long side x 1.2, ``s = birads.crop_size``);
+    ``serve_examples`` crops every box of each record itself (masses or not) and returns one row per box,
+    with its record's ``image_id`` and the box's ``box_index``. ``birads_class`` indexes 2-3, 4A, 4B, 4C, 5."""
+    import tensorflow as tf
+
+    from mammodg.augment.downstream import crop_model_inputs, stored_roi_crops
+    from mammodg.records.schema import parse
+
+    model, c = _trained(run, cfg), cfg.birads
+
+    def outputs(crops):
+        probs = tf.nn.softmax(model(crop_model_inputs(crops, cfg.target_mean), training=False), axis=-1)
+        return {"probabilities": probs, "birads_class": tf.argmax(probs, axis=-1, output_type=tf.int32)}
+
+    module = serving_module({"birads_classifier": model}, (c.crop_size, c.crop_size), outputs)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve_examples(examples):
+        crops = tf.TensorArray(tf.uint16, size=0, dynamic_size=True, infer_shape=False,
+                               element_shape=[None, c.crop_size, c.crop_size, 1])
+        ids = tf.TensorArray(tf.string, size=0, dynamic_size=True, infer_shape=False, element_shape=[None])
+        index = tf.TensorArray(tf.int32, size=0, dynamic_size=True, infer_shape=False, element_shape=[None])
+        for i in tf.range(tf.size(examples)):
+            r = parse(examples[i])
+            n = tf.shape(r["boxes"])[0]
+            crops = crops.write(i, stored_roi_crops(r["image"], r["boxes"], c.crop_size, c.enlarge))
+            ids = ids.write(i, tf.fill([n], r["image_id"]))
+            index = index.write(i, tf.range(n))
+        all_crops = tf.ensure_shape(crops.concat(), [None, c.crop_size, c.crop_size, 1])
+        n = tf.shape(all_crops)[0]  # one blank crop appended: records without boxes give a non-empty batch
+        scored = outputs(tf.concat([all_crops, tf.zeros([1, c.crop_size, c.crop_size, 1], tf.uint16)], 0))
+        return {**{k: v[:n] for k, v in scored.items()}, "image_id": ids.concat(), "box_index": index.concat()}
+
+    module.serve_examples = serve_examples
+    return {"": module}
+
+
+def _density(run: Path, cfg) -> dict:
+    """Density of whole stored images (any size): ``probabilities`` over non-dense (A/B), dense (C/D) and
+    ``dense`` (int32 0/1); the image is resized to ``density.input_size`` inside the graph."""
+    import tensorflow as tf
+
+    from mammodg.augment.downstream import density_input
+
+    model, size = _trained(run, cfg), cfg.density.input_size
+
+    def outputs(images):
+        x = tf.map_fn(lambda s: density_input(s, size, cfg.target_mean), images,
+                      fn_output_signature=tf.TensorSpec([*size, 1], tf.float32))
+        probs = tf.nn.softmax(model(x, training=False), axis=-1)
+        return {"probabilities": probs, "dense": tf.argmax(probs, axis=-1, output_type=tf.int32)}
+
+    return {"": serving_module({"density_classifier": model}, (None, None), outputs)}
+
+
+STAGE_EXPORTS = {"patch": _patch, "classifier": _classifier, "contrastive": _contrastive, "cyclegan": _cyclegan,
+                 "birads": _birads, "density": _density}
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -93,3 +93,10 @@ def subsample(items: Sequence, fraction: float, *, salt: str = DEFAULT_SALT,
             by_label[label(r)].add(patient(r))
         summary["kept_by_label"] = {k: len(v) for k, v in sorted(by_label.items(), key=lambda kv: str(kv[0]))}
     return out, summary
+
+
+def filter_records(ds, fraction: float, salt: str = DEFAULT_SALT):
+    """A dataset of serialized records (any schema with a ``patient`` field) keeping the kept patients'
+    records; ``ds`` itself at ``fraction`` 1.0. The one call a downstream stage applies to its labelled
+    training stream, before decoding."""
+    return ds if _check(fraction) >= 1.0 else ds.filter(record_filter(fraction, salt))

@@ -13,6 +13,8 @@ STAGE_MODULES = {
     "classifier": "classifier",
     "cyclegan": "cyclegan",
     "contrastive": "contrastive",
+    "birads": "birads",
+    "density": "density",
 }
 
 
