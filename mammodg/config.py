@@ -321,7 +321,8 @@ class ContrastiveConfig:
     rotation_deg: float = 10.0
     jitter: float = 0.2  # colour (intensity) jitter strength
     weights: str = ""  # optional local .h5/.weights.h5 of ImageNet ResNet-50 weights (never downloaded)
-    backbone: ContrastiveBackbone = "resnet50"  # or "resnet18": a compact residual encoder of TrainConfig.width x 64 base filters (demo)
+    backbone: ContrastiveBackbone = "resnet50"  # or "resnet18": a compact residual encoder of width x 64 base filters (demo)
+    width: float = 1.0  # resnet18 only: width multiplier of its filters
     val_breasts: int = 32  # validation batch: at least this many breasts (all of them if fewer)
 
 

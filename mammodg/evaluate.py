@@ -210,7 +210,7 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     shape = (*cfg.contrastive.input_size, 1)
 
     def backbone():
-        return build_backbone(cfg.contrastive.backbone, shape, width=cfg.width)
+        return build_backbone(cfg.contrastive.backbone, shape, width=cfg.contrastive.width)
 
     trained = backbone()
     trained.load_weights(weights)

@@ -129,12 +129,13 @@ def encoder_size(input_size, crop_scale) -> tuple[int, int]:
 
 def _contrastive(run: Path, cfg) -> dict:
     """Image embeddings of the contrastive backbone: the whole image at the training-crop scale
-    (:func:`encoder_size`), globally average-pooled (2048 features)."""
+    (:func:`encoder_size`), globally average-pooled (2048 features for ResNet-50)."""
     import tensorflow as tf
 
-    from mammodg import models
+    from mammodg.models.resnet import build_backbone
 
-    backbone = models.build("resnet50_backbone", input_shape=(None, None, 1))
+    c = cfg.contrastive
+    backbone = build_backbone(c.backbone, (None, None, 1), width=c.width)
     backbone.load_weights(_need(run / "backbone.weights.h5", _train_hint(run, "contrastive")))
     size = encoder_size(cfg.contrastive.input_size, cfg.contrastive.crop_scale)
 

@@ -275,7 +275,7 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     from mammodg.models.resnet import build_backbone
 
     cfg = load(TrainConfig, run / "config.yaml")  # the demo config's encoder, with the --set values
-    backbone = build_backbone(cfg.contrastive.backbone, (32, 32, 1), width=cfg.width)
+    backbone = build_backbone(cfg.contrastive.backbone, (32, 32, 1), width=cfg.contrastive.width)
     backbone.load_weights(run / "backbone.weights.h5")
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), backbone.predict(x, verbose=0), atol=1e-5)
     assert main(args) == 0  # a finished run is not retrained

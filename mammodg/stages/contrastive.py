@@ -154,7 +154,7 @@ def contrastive_task(cfg: TrainConfig) -> Task:
         build_model=lambda: models.build("contrastive_model", input_shape=(*c.input_size, 1),
                                          projection_dim=c.projection_dim, hidden_dim=c.hidden_dim,
                                          weights=c.weights or None, views=views_per_sample(c.method),
-                                         backbone=c.backbone, width=cfg.width),
+                                         backbone=c.backbone, width=c.width),
         loss=NTXent(c.temperature, pairs=positive_pairs(c.method), groups=True),  # y_true: patient group ids
         batches=lambda start: contrastive_batches(cfg, start),
         validate=_validate(cfg), learning_rate=cfg.learning_rate,
