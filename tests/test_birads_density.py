@@ -242,7 +242,7 @@ def test_backbone_from_contrastive_run(tmp_path):
     """``backbone_from``: the contrastive run's backbone.weights.h5 lands in the classifier's ResNet-50."""
     from mammodg.config import BiradsConfig
     from mammodg.models.resnet import resnet50_backbone
-    from mammodg.stages.birads import downstream_model, init_backbone
+    from mammodg.stages.downstream import downstream_model, init_backbone
 
     tf.keras.utils.set_random_seed(1)
     source = resnet50_backbone((32, 32, 1))

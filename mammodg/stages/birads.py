@@ -6,109 +6,18 @@ box's own BI-RADS, else the image's), cropped square around the box (long side x
 and resized to ``birads.crop_size``; random flips and zoom per crop. The labelled training patients are
 subsampled by ``label_fraction`` (:func:`mammodg.sampling.label_fraction.filter_records`).
 
-The helpers shared with ``--stage density`` live here: the model (:func:`downstream_model`), SGD
-(:func:`sgd`), the labelled record stream (:func:`labelled_stream`) and validation (:func:`validator`).
+The helpers shared with ``--stage density`` live in :mod:`mammodg.stages.downstream`.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 from mammodg.augment.downstream import BIRADS_CLASSES
 from mammodg.config import TrainConfig
+from mammodg.stages.downstream import count_labels, downstream_model, init_backbone, labelled_stream, sgd, validator
 from mammodg.train import Task
 
 CLASSES = len(BIRADS_CLASSES)
-
-
-# ------------------------------------------------------------------------- shared with --stage density
-def downstream_model(c, input_shape, classes: int, name: str):
-    """image -> backbone (ResNet-50 C5, or the tiny test backbone) -> global average pool -> class logits."""
-    import keras
-
-    from mammodg import models
-    from mammodg.models import fcos  # noqa: F401  (registers the feature backbones)
-
-    features = models.build("fcos_tiny_features" if c.backbone == "tiny" else "fcos_resnet50_features",
-                            input_shape=tuple(input_shape))
-    image = keras.Input(tuple(input_shape), name="image")
-    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features(image)["c5"])
-    return keras.Model(image, keras.layers.Dense(classes, name="logits")(pooled), name=name)
-
-
-def init_backbone(c, input_shape):
-    """``after_build``: load the contrastive run ``backbone_from``'s ``backbone.weights.h5`` into the model's
-    backbone (through :func:`mammodg.models.fcos.resnet50_features`, as detection does); random without it."""
-    def init(model):
-        if not c.backbone_from:
-            return
-        if c.backbone != "resnet50":
-            raise ValueError(f"backbone_from needs backbone: resnet50, got {c.backbone!r}")
-        from mammodg.models.fcos import resnet50_features
-
-        path = Path(c.backbone_from) / "backbone.weights.h5"
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone_from: {path} not found (train it with `mammodg train --stage contrastive`)")
-        loaded = resnet50_features(tuple(input_shape), backbone_weights=str(path))
-        model.get_layer("backbone_features").set_weights(loaded.get_weights())
-        print(f"backbone initialised from {path}", flush=True)
-
-    return init
-
-
-def sgd(c, learning_rate: float):
-    """SGD with momentum and weight decay (section IV-B), taking the trainer's EMA keywords."""
-    import keras
-
-    return lambda **kw: keras.optimizers.SGD(learning_rate, momentum=c.momentum, weight_decay=c.weight_decay, **kw)
-
-
-def labelled_stream(cfg: TrainConfig, data_dir, start: int = 0):
-    """Infinite serialized records of the training split of ``data_dir`` sampled by ``cfg.strategy`` from
-    record ``start``, keeping only the patients ``cfg.label_fraction`` keeps."""
-    from mammodg.records.reader import load_index
-    from mammodg.sampling.label_fraction import filter_records
-    from mammodg.sampling.streams import make_plan, serialized_stream
-
-    plan = make_plan(load_index(data_dir), data_dir, cfg.train_split, cfg.strategy, cfg.seed)
-    ds = serialized_stream(plan, seed=cfg.seed, start=start, shuffle_budget=cfg.shuffle_budget)
-    return filter_records(ds, cfg.label_fraction)
-
-
-def count_labels(labels_of, files, fraction: float, classes: int, what: str) -> dict:
-    """Class counts of the training samples the kept patients give (``labels_of(raw) -> (patient, labels)``);
-    refuses a stream left without any sample (it would wait forever)."""
-    import tensorflow as tf
-
-    from mammodg.sampling.label_fraction import kept_patients
-
-    rows = [(p.numpy().decode(), y.numpy()) for p, y in tf.data.TFRecordDataset(files).map(labels_of)]
-    kept = kept_patients([p for p, _ in rows], fraction)
-    counts = np.bincount(np.concatenate([y[y >= 0] for p, y in rows if p in kept] or [np.zeros(0, int)]),
-                         minlength=classes).tolist()
-    if not sum(counts):
-        raise ValueError(f"no {what} to train on in {len(files)} shard(s) at label_fraction {fraction} "
-                         f"({len(kept)} of {len({p for p, _ in rows})} patients kept)")
-    return {"patients": len({p for p, _ in rows}), "kept_patients": len(kept), "samples_per_class": counts}
-
-
-def validator(predict, monitor_name: str = "cross_entropy"):
-    """Validation: accuracy and cross-entropy of ``predict(model) -> (probs, y, segments)``, globally and per
-    data segment; monitor: the global cross-entropy."""
-    def scores(p, y):
-        return {"accuracy": float((p.argmax(1) == y).mean()),
-                "cross_entropy": float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1.0)).mean())}
-
-    def validate(model):
-        p, y, segs = predict(model)
-        if not len(y):
-            raise ValueError("the validation split has no labelled sample")
-        out = {"global": scores(p, y), "segments": {str(s): scores(p[segs == s], y[segs == s]) for s in np.unique(segs)}}
-        out["monitor"] = out["global"][monitor_name]
-        return out
-
-    return validate
 
 
 # --------------------------------------------------------------------------------------------- BI-RADS

@@ -15,7 +15,7 @@ import numpy as np
 
 from mammodg.augment.downstream import DENSITY_CLASSES
 from mammodg.config import TrainConfig
-from mammodg.stages.birads import count_labels, downstream_model, init_backbone, labelled_stream, sgd, validator
+from mammodg.stages.downstream import count_labels, downstream_model, init_backbone, labelled_stream, sgd, validator
 from mammodg.train import Task
 
 CLASSES = len(DENSITY_CLASSES)
