@@ -136,6 +136,10 @@ def cmd_evaluate(args) -> int:
     stage = args.stage or (load(TrainConfig, run / "config.yaml").stage if (run / "config.yaml").is_file() else "classifier")
     if stage == "contrastive":
         paths = evaluate_contrastive(run, split=args.split, data_dir=args.data)
+    elif stage == "detection":
+        from mammodg.evaluate import evaluate_detection
+
+        paths = evaluate_detection(run, split=args.split, data_dir=args.data)
     else:
         paths = evaluate_run(run, split=args.split, n_boot=args.n_boot)
     for k, v in paths.items():
@@ -233,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("evaluate", help="classifier: metrics, bootstrap CIs, ROC, validation curves; contrastive: style invariance")
     p.add_argument("--run", required=True, help="run folder of a classifier or contrastive run")
-    p.add_argument("--stage", choices=("classifier", "contrastive"), help="default: the run's own stage")
-    p.add_argument("--data", help="contrastive: probe held-out images of this image-records folder instead")
+    p.add_argument("--stage", choices=("classifier", "contrastive", "detection"), help="default: the run's own stage")
+    p.add_argument("--data", help="contrastive / detection: evaluate this image-records folder instead")
     p.add_argument("--split", default="val")
     p.add_argument("--n-boot", type=int, default=2000)
     p.set_defaults(func=cmd_evaluate)

@@ -13,6 +13,7 @@ STAGE_MODULES = {
     "classifier": "classifier",
     "cyclegan": "cyclegan",
     "contrastive": "contrastive",
+    "detection": "detection",
 }
 
 
