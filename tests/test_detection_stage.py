@@ -131,3 +131,12 @@ def test_missing_contrastive_backbone_is_a_one_line_error(tiny_records, tmp_path
     rc = main(["train", "--stage", "detection", "--set", f"data_dir={tiny_records}", "--set", f"run_dir={tmp_path / 'r'}",
                "--set", f"detection.backbone_from={tmp_path / 'nope'}"])
     assert rc == 2 and "backbone.weights.h5 not found" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_naming_the_step(tiny_records, tmp_path, capsys):
+    """The trainer's NaN guard applies to the detection loss: an exploding learning rate stops the run."""
+    args = [a for s in TINY + ["learning_rate=1e30", "steps=4", "val_every=4"] for a in ("--set", s)]
+    rc = main(["train", "--stage", "detection", "--set", f"data_dir={tiny_records}", "--set",
+               f"run_dir={tmp_path / 'r'}", *args])
+    err = capsys.readouterr().err
+    assert rc == 1 and "NaN/inf at step" in err and "none (no period finished yet)" in err, err
