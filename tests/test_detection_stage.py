@@ -140,3 +140,40 @@ def test_nan_loss_stops_naming_the_step(tiny_records, tmp_path, capsys):
                f"run_dir={tmp_path / 'r'}", *args])
     err = capsys.readouterr().err
     assert rc == 1 and "NaN/inf at step" in err and "none (no period finished yet)" in err, err
+
+
+def test_two_replica_fit_step_equals_one_device_step():
+    """One SGD step of model.fit with the packed loss under a 2-replica MirroredStrategy moves the weights
+    as one device on the same global batch (positives all-reduced; the scalar loss is not divided by 2)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np, tensorflow as tf, keras
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from mammodg.augment.detection import PackedFCOSLoss, packed_model
+        from mammodg.models.fcos import fcos_model
+        rng = np.random.default_rng(0)
+        x = rng.uniform(0, 1, size=(4, 64, 48, 1)).astype(np.float32)
+        y = np.tile(np.array([[0, 0, 0, 0, -1]], np.float32), (4, 3, 1))
+        y[0, 0] = [4, 6, 40, 30, 0]; y[2, :2] = [[20, 20, 44, 62, 0], [2, 40, 20, 60, 0]]  # one image per replica empty
+        def step(strategy):
+            with strategy.scope():
+                keras.utils.set_random_seed(1)
+                model = packed_model(fcos_model((64, 48, 1), backbone="tiny", width=16, tower_convs=1, groups=4))
+                model.compile(optimizer=keras.optimizers.SGD(0.1), loss=PackedFCOSLoss((64, 48)))
+            before = [w.numpy() for w in model.trainable_weights]
+            model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), epochs=1, verbose=0, shuffle=False)
+            return [a - w.numpy() for a, w in zip(before, model.trainable_weights)]
+        one = step(tf.distribute.get_strategy())
+        two = step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+        scale = max(float(np.abs(d).max()) for d in one)
+        print("RESULT", scale, max(float(np.abs(a - b).max()) for a, b in zip(one, two)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, out.stderr[-3000:]
+    scale, diff = (float(v) for v in line[0].split()[1:])
+    assert scale > 1e-4 and diff < 1e-3 * scale, (scale, diff)
