@@ -46,6 +46,7 @@ def main() -> None:
     from mammodg.config import TrainConfig, load
     from mammodg.demo import prepare_contrastive
     from mammodg.evaluate import evaluate_detection
+    from mammodg.report import _md_cell
 
     out = Path(args.out)
     records = phantom_records(out, args.patients, args.size)
@@ -83,7 +84,7 @@ def main() -> None:
     lines = [f"# FCOS on phantoms: AP@0.5 (%) per style, validation split ({args.patients} patients, "
              f"{args.size[0]}x{args.size[1]}, {args.steps} detection steps per run, contrastive MVCL "
              f"{args.contrastive_steps} steps)", "",
-             "| backbone, levels | " + " | ".join(styles) + " | all | COCO mAP | FROC sens. @0.5/1/2/4 FP | train s |",
+             "| backbone, levels | " + " | ".join(_md_cell(s) for s in styles) + " | all | COCO mAP | FROC sens. @0.5/1/2/4 FP | train s |",
              "|---|" + "---:|" * (len(styles) + 4)]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(pct(r["per_style"].get(s)) for s in styles)
