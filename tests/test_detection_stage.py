@@ -177,3 +177,12 @@ def test_two_replica_fit_step_equals_one_device_step():
     assert line, out.stderr[-3000:]
     scale, diff = (float(v) for v in line[0].split()[1:])
     assert scale > 1e-4 and diff < 1e-3 * scale, (scale, diff)
+
+
+def test_resume_extends_the_run(run, tiny_records, capsys):
+    """Re-running with more steps resumes from last.keras (the packed model and its SGD + EMA state)."""
+    args = [a for s in TINY + ["steps=6"] for a in ("--set", s)]
+    assert main(["train", "--stage", "detection", "--set", f"data_dir={tiny_records}", "--set", f"run_dir={run}",
+                 *args]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [2, 4, 6]
