@@ -62,6 +62,21 @@ def test_evaluate_writes_the_report(run, tiny_records, capsys):
     assert "ap50" in capsys.readouterr().out
 
 
+def test_evaluate_on_other_data_puts_its_domains_in_unseen(run, phantoms, tmp_path):
+    """--data: segments absent from the run's train split are the unseen domains of the Table II rows."""
+    from mammodg.config import BuildConfig, PreprocessConfig
+    from mammodg.records.writer import build
+
+    other = tmp_path / "by_view"
+    build(phantoms, other, BuildConfig(preprocess=PreprocessConfig(height=64, width=48), segment_keys=["source", "view"],
+                                       pseudonym_salt="test-salt-16chars", workers=2, shard_size=64), progress=False)
+    assert main(["evaluate", "--stage", "detection", "--run", str(run), "--data", str(other)]) == 0
+    report = json.loads((run / "detection_by_view_val" / "detection_report.json").read_text())
+    row = report["table_ap50"][0]
+    assert not row.get("seen") and set(row["unseen"]) == set(json.loads((other / "dataset.json").read_text())["splits"]["val"])
+    assert (report["global"]["n_images"], report["global"]["n_lesions"]) == split_truth(other, "val")
+
+
 def test_saved_model_matches_keras_detector_in_a_fresh_process(run, tiny_records, tmp_path):
     from test_export import serve
 
