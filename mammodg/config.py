@@ -357,6 +357,41 @@ class DensityConfig(DownstreamConfig):
 
 
 @dataclasses.dataclass
+class DetectionConfig:
+    """``--stage detection``: FCOS mass detection (MSVCL v2 sections III-C, IV-B; README "Detection")."""
+
+    input_size: list[int] = dataclasses.field(default_factory=lambda: [1152, 832])  # (h, w) the stored image is resized to
+    levels: list[int] = dataclasses.field(default_factory=lambda: [3, 4, 5, 6, 7])  # [2, 3, ..., 7]: P2 on (small masses)
+    backbone: Literal["resnet50", "tiny"] = "resnet50"  # tiny: a few convolutions, tests and quick demos
+    backbone_from: str = ""  # run folder of a contrastive run: its backbone.weights.h5
+    weights: str = ""  # or a local ImageNet ResNet-50 weights file (never downloaded); neither: random
+    backbone_width: int = 8  # channels of the tiny backbone
+    width: int = 256  # FPN and head channels
+    tower_convs: int = 4
+    groups: int = 32  # GroupNorm groups of the head towers (divides width)
+    # detected lesion classes; merge_classes: all of them are one class "mass" (the paper detects masses)
+    lesion_classes: list[str] = dataclasses.field(default_factory=lambda: ["benign_mass", "malignant_mass"])
+    merge_classes: bool = True
+    max_boxes: int = 32  # box slots per image (more lesions than this in one image are cut)
+    flip: float = 0.5  # horizontal flip probability (training only)
+    scale: list[float] = dataclasses.field(default_factory=lambda: [0.8, 1.25])  # random scale range (training only)
+    momentum: float = 0.9  # SGD (section IV-B)
+    weight_decay: float = 1.0e-4
+    score_threshold: float = 0.05
+    iou_threshold: float = 0.6  # class-wise NMS
+    max_detections: int = 100
+
+    def class_names(self) -> list[str]:
+        return ["mass"] if self.merge_classes else list(self.lesion_classes)
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of the ``fcos`` model builder (:func:`mammodg.models.fcos.fcos_model`)."""
+        return {"input_shape": (*self.input_size, 1), "num_classes": len(self.class_names()),
+                "levels": tuple(self.levels), "backbone": self.backbone, "width": self.width,
+                "tower_convs": self.tower_convs, "groups": self.groups, "backbone_width": self.backbone_width}
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """A training stage (``mammodg train --stage S``); paper defaults in configs/periodic_sampling/."""
 
@@ -386,6 +421,7 @@ class TrainConfig:
     label_fraction: float = 1.0
     birads: BiradsConfig = dataclasses.field(default_factory=BiradsConfig)
     density: DensityConfig = dataclasses.field(default_factory=DensityConfig)
+    detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or f"runs/{self.stage}"

@@ -280,3 +280,32 @@ def evaluate_downstream(run: Path, *, split: str = "val", data_dir: str | None =
     g = report["global"]
     return {"json": out / "accuracy.json", "markdown": out / "accuracy.md", "accuracy": g["accuracy"],
             "majority_rate": g["majority_rate"]}
+
+
+def evaluate_detection(run: Path, *, split: str = "val", data_dir: str | None = None, overlays: int = 8) -> dict:
+    """A detection run on a split (of its own data or of ``data_dir``): AP@0.5 and COCO mAP (pycocotools,
+    images without findings included), FROC at 0.5/1/2/4 FP per image, the Table II per-domain rows with
+    seen (the run's train-split segments) and unseen (the other evaluated segments) averages, and a
+    Figure 8-like overlay PNG of the first ``overlays`` images with a lesion."""
+    from mammodg.augment.detection import load_detector
+    from mammodg.config import TrainConfig, load
+    from mammodg.metrics.detection_report import plot_overlays, write_detection_report
+    from mammodg.records.reader import load_index
+    from mammodg.stages.detection import detections
+
+    cfg = load(TrainConfig, run / "config.yaml")
+    if cfg.stage != "detection" or not (run / "best.weights.h5").is_file():
+        raise FileNotFoundError(f"{run} is not a finished detection run (config.yaml / best.weights.h5 missing)")
+    detector = load_detector(run / "best.weights.h5", cfg.detection)
+    ims = detections(detector, cfg, split, data_dir=data_dir, keep_images=overlays)
+    trained_on = set(load_index(cfg.data_dir)["splits"].get(cfg.train_split, {}))
+    present = sorted({im["domain"] for im in ims})
+    seen, unseen = [d for d in present if d in trained_on], [d for d in present if d not in trained_on]
+    out = run / (f"detection_{split}" if not data_dir else f"detection_{Path(data_dir).name}_{split}")
+    paths = write_detection_report([{k: v for k, v in im.items() if k != "image"} for im in ims], out,
+                                   title=f"{run.name}: {split} split", seen=seen, unseen=unseen, method=run.name)
+    panels = [{**im, "title": im["domain"]} for im in ims if "image" in im]
+    if panels:
+        paths["overlays"] = plot_overlays(panels, out / "overlays.png", score_threshold=cfg.detection.score_threshold)
+    g = paths.pop("report")["global"]
+    return {**paths, "ap50": g["ap50"], "map": g["map"]}

@@ -243,8 +243,24 @@ def _density(run: Path, cfg) -> dict:
     return {"": serving_module({"density_classifier": model}, (None, None), outputs)}
 
 
+def _detection(run: Path, cfg) -> dict:
+    """FCOS mass detections of whole stored images (the run's dataset shape), after class-wise NMS: ``boxes``
+    (b, D, 4) x0, y0, x1, y1 in stored-image pixels, ``scores`` (b, D), ``classes`` (b, D) int32 (indices of
+    ``detection.class_names()``) and ``num_detections`` (b,); rows past ``num_detections`` are zeros."""
+    from mammodg.augment.detection import detect, load_detector
+    from mammodg.records.reader import load_index
+
+    shape = tuple(load_index(cfg.data_dir)["image_shape"])
+    detector = load_detector(_need(run / "best.weights.h5", _train_hint(run, "detection")), cfg.detection)
+
+    def outputs(images):
+        return detect(detector, images, cfg.detection, stored_shape=shape, target_mean=cfg.target_mean)
+
+    return {"": serving_module({"detector": detector}, shape, outputs)}
+
+
 STAGE_EXPORTS = {"patch": _patch, "classifier": _classifier, "contrastive": _contrastive, "cyclegan": _cyclegan,
-                 "birads": _birads, "density": _density}
+                 "detection": _detection, "birads": _birads, "density": _density}
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -15,6 +15,7 @@ STAGE_MODULES = {
     "contrastive": "contrastive",
     "birads": "birads",
     "density": "density",
+    "detection": "detection",
 }
 
 
