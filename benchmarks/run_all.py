@@ -40,6 +40,9 @@ SUITE = {
     "contrastive_pipeline": ("contrastive_pipeline.py", ["--steps", "4", "--warmup", "2", "--repeats", "2",
                                                          "--out", str(RESULTS / "contrastive_pipeline.json")],
                              300, "contrastive_pipeline.json"),
+    "detection_pipeline": ("detection_pipeline.py", ["--steps", "4", "--warmup", "2", "--repeats", "2",
+                                                     "--out", str(RESULTS / "detection_pipeline.json")],
+                           300, "detection_pipeline.json"),
     "models": ("models.py", ["--steps", "5", "--out", str(RESULTS / "models.json")], 600, "models.json"),
 }
 
@@ -191,6 +194,12 @@ def rows(res: dict, mach: dict) -> list[tuple[str, str, str, str]]:
             out.append((f"Contrastive training, demo config ({cp['views_per_sample']} views at {size}), {k} (img/s)",
                         _f(cp["images_per_s"][k]), "", ""))
         out.append(("Contrastive training, pipeline / in-memory", _f(cp["ratio_pipeline_over_memory"]),
+                    f"target >= {R['pipeline_ratio_target']}", ""))
+    dp = b.get("detection_pipeline", {}).get("result")
+    if dp:
+        for k in ("pipeline", "memory"):
+            out.append((f"Detection training, demo config, {k} (img/s)", _f(dp["images_per_s"][k]), "", ""))
+        out.append(("Detection training, pipeline / in-memory", _f(dp["ratio_pipeline_over_memory"]),
                     f"target >= {R['pipeline_ratio_target']}", ""))
     mo = b.get("models", {}).get("result")
     if mo:
