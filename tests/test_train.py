@@ -226,7 +226,7 @@ def test_damaged_shards_stop_training_with_the_shard_named(vgg_records, tmp_path
 
     data, shard = damaged("flipped", flip)
     out = _cli("train", "--stage", "classifier", *_common(data, tmp_path / "r2"), *args, timeout=600)
-    assert out.returncode == 1 and "mammodg verify" in out.stderr, out.stderr[-3000:]
+    assert out.returncode == 1 and "mammodg verify" in out.stderr and str(shard) in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith("mammodg train: stopped: a shard under")
     check = _cli("verify", str(data), timeout=300)
     assert check.returncode == 2 and str(shard) in check.stderr

@@ -35,8 +35,15 @@ def run(stage: str, cfg):
     try:
         return module.run(cfg)
     except tf.errors.DataLossError as e:  # a corrupted record inside a shard of the right length
-        raise TrainingError(f"a shard under {cfg.data_dir} is corrupted ({e.message.splitlines()[0]}); "
-                            f"`mammodg verify {cfg.data_dir}` names it (SHA-256 against dataset.json)") from None
+        from mammodg.records.verify import ShardError
+
+        try:  # the full check (SHA-256 against dataset.json) finds which shard it is
+            verify(cfg.data_dir, quick=False)
+            where = f"`mammodg verify {cfg.data_dir}` finds no damaged shard"
+        except (ShardError, OSError) as bad:
+            where = str(bad)
+        raise TrainingError(f"a shard under {cfg.data_dir} is corrupted ({e.message.splitlines()[0]}): {where}; "
+                            f"`mammodg verify {cfg.data_dir}` checks them all") from None
 
 
 def train_and_export(cfg, task):
