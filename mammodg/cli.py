@@ -140,6 +140,10 @@ def cmd_evaluate(args) -> int:
         from mammodg.evaluate import evaluate_detection
 
         paths = evaluate_detection(run, split=args.split, data_dir=args.data)
+    elif stage == "matching":
+        from mammodg.evaluate import evaluate_matching
+
+        paths = evaluate_matching(run, split=args.split)
     else:
         paths = evaluate_run(run, split=args.split, n_boot=args.n_boot)
     for k, v in paths.items():
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("evaluate", help="classifier: metrics, bootstrap CIs, ROC, validation curves; contrastive: style invariance")
     p.add_argument("--run", required=True, help="run folder of a classifier or contrastive run")
-    p.add_argument("--stage", choices=("classifier", "contrastive", "detection"), help="default: the run's own stage")
+    p.add_argument("--stage", choices=("classifier", "contrastive", "detection", "matching"), help="default: the run's own stage")
     p.add_argument("--data", help="contrastive / detection: evaluate this image-records folder instead")
     p.add_argument("--split", default="val")
     p.add_argument("--n-boot", type=int, default=2000)

@@ -14,6 +14,7 @@ STAGE_MODULES = {
     "cyclegan": "cyclegan",
     "contrastive": "contrastive",
     "detection": "detection",
+    "matching": "matching",
 }
 
 
