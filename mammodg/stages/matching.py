@@ -86,9 +86,9 @@ def pair_outputs(model, cfg: TrainConfig, roi_cc, geom_cc, roi_mlo, geom_mlo) ->
     """``distance`` and ``match_score`` of CC/MLO ROI pairs given as stored uint16 crops + geometric features."""
     from mammodg.augment.matching_pairs import roi_inputs
 
-    embed = model.get_layer("embedding")
-    f1 = embed([roi_inputs(roi_cc, cfg.target_mean), geom_cc], training=False)
-    f2 = embed([roi_inputs(roi_mlo, cfg.target_mean), geom_mlo], training=False)
+    embed, geom = model.get_layer("embedding"), lambda g: keras.ops.convert_to_tensor(g, "float32")
+    f1 = embed([roi_inputs(roi_cc, cfg.target_mean), geom(geom_cc)], training=False)
+    f2 = embed([roi_inputs(roi_mlo, cfg.target_mean), geom(geom_mlo)], training=False)
     d = keras.ops.sqrt(keras.ops.maximum(keras.ops.sum(keras.ops.square(f1 - f2), axis=-1), 1e-12))
     return {"distance": d, "match_score": match_score(d, cfg.matching.margin)}
 
