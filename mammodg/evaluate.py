@@ -260,7 +260,8 @@ def evaluate_matching(run: Path, *, split: str = "val") -> dict:
     from mammodg.config import TrainConfig, load
     from mammodg.io.atomic import atomic_write_json
     from mammodg.metrics.detection import average_precision
-    from mammodg.stages.matching import load_matcher, match_score, matching_data, pair_distances, pair_scores
+    from mammodg.augment.matching_pairs import load_matcher, match_score
+    from mammodg.stages.matching import matching_data, pair_distances, pair_scores
 
     cfg = load(TrainConfig, run / "config.yaml")
     if cfg.stage != "matching":

@@ -195,7 +195,7 @@ def _matching(run: Path, cfg) -> dict:
     geom_mlo: float32 (b, 3) geometric features)`` -> ``match_score`` (b,) in [0, 1] and ``distance`` (b,)."""
     import tensorflow as tf
 
-    from mammodg.stages.matching import load_matcher, pair_outputs
+    from mammodg.augment.matching_pairs import load_matcher, pair_outputs
 
     model, s = load_matcher(run, cfg), cfg.matching.roi_size
     module = tf.Module()

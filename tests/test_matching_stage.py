@@ -92,7 +92,8 @@ SERVE = textwrap.dedent("""
 
 
 def test_export_fresh_process_and_evaluate(run, tmp_path, capsys):
-    from mammodg.stages.matching import load_matcher, matching_data, pair_outputs
+    from mammodg.augment.matching_pairs import load_matcher, pair_outputs
+    from mammodg.stages.matching import matching_data
 
     cfg = load(TrainConfig, run / "config.yaml")
     data = matching_data(cfg, "val")

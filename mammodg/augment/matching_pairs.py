@@ -6,7 +6,8 @@ Candidates are a detection run's detections (``detection_candidates``) or, witho
 size centred on random breast pixels, overlapping no ground truth; every stand-in candidate gets a uniform
 random score, so detection AP before/after matching-based rescoring stays meaningful. The pair records of
 ``build-pairs`` hold no boxes, so breasts are grouped here from the image records (patient + laterality),
-as ``build-pairs`` groups them.
+as ``build-pairs`` groups them. The siamese matcher and its pair outputs (the ``serve_pairs`` export) sit here
+too, below the stage, as the detector's do in :mod:`mammodg.augment.detection`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from mammodg.augment.matching import (box_iou, geometric_features, lesion_ids_by
                                       matching_pairs, roi_crops)
 
 VIEWS = ("CC", "MLO")
+INPUTS = ("roi_cc", "geom_cc", "roi_mlo", "geom_mlo")  # the matcher's inputs
 
 
 def breasts(data_dir, split: str, lesion_classes) -> list[dict]:
@@ -165,3 +167,56 @@ def rescore(images: list[dict], best_match: np.ndarray, boost: float) -> list[di
         s, mt = np.asarray(im["scores"], np.float64), best_match[im["rois"]]
         out.append({**im, "scores": np.where(mt > 0.5, s + boost * mt * (1 - s), s)})
     return out
+
+
+# ---------------------------------------------------------------------------------- the siamese matcher
+def build_matcher(cfg):
+    """Siamese model ``{roi_cc, geom_cc, roi_mlo, geom_mlo}`` -> (b, 2, embedding_dim); one shared ``embedding``
+    sub-model (backbone from ``matching.backbone_from`` through the FCOS feature loader, or random)."""
+    import keras
+
+    from mammodg import models
+    from mammodg.models import fcos  # noqa: F401  (registers the feature extractors)
+
+    m, s = cfg.matching, cfg.matching.roi_size
+    if m.backbone == "tiny":
+        features = models.build("fcos_tiny_features", input_shape=(s, s, 1), width=m.backbone_width)
+    else:
+        weights = str(Path(m.backbone_from) / "backbone.weights.h5") if m.backbone_from else None
+        features = models.build("fcos_resnet50_features", input_shape=(s, s, 1), backbone_weights=weights)
+    roi, geom = keras.Input((s, s, 1), name="roi"), keras.Input((3,), name="geom")
+    h = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(features(roi)["c5"]), geom])
+    h = keras.layers.Dense(m.hidden_dim, activation="relu")(h)
+    embed = keras.Model([roi, geom], keras.layers.Dense(m.embedding_dim)(h), name="embedding")
+    x = {k: keras.Input((s, s, 1) if k.startswith("roi") else (3,), name=k) for k in INPUTS}
+    pair = [embed([x["roi_cc"], x["geom_cc"]]), embed([x["roi_mlo"], x["geom_mlo"]])]
+    return keras.Model(x, keras.ops.stack(pair, axis=1), name="matcher")
+
+
+def load_matcher(run, cfg):
+    """The matcher of a run with its best EMA weights."""
+    model = build_matcher(cfg)
+    best = Path(run) / "best.weights.h5"
+    if not best.is_file():
+        raise FileNotFoundError(f"{best} not found: train the run first (mammodg train --stage matching)")
+    model.load_weights(best)
+    return model
+
+
+def match_score(distance, margin: float):
+    """Match score in [0, 1] of an embedding distance: ``1 - D / margin`` clipped; > 0.5 means D < margin / 2."""
+    import keras
+
+    return keras.ops.clip(1.0 - distance / margin, 0.0, 1.0)
+
+
+def pair_outputs(model, cfg, roi_cc, geom_cc, roi_mlo, geom_mlo) -> dict:
+    """``distance`` and ``match_score`` of CC/MLO ROI pairs given as stored uint16 crops + geometric features
+    (what the exported ``serve_pairs`` returns)."""
+    import keras
+
+    embed, geom = model.get_layer("embedding"), lambda g: keras.ops.convert_to_tensor(g, "float32")
+    f1 = embed([roi_inputs(roi_cc, cfg.target_mean), geom(geom_cc)], training=False)
+    f2 = embed([roi_inputs(roi_mlo, cfg.target_mean), geom(geom_mlo)], training=False)
+    d = keras.ops.sqrt(keras.ops.maximum(keras.ops.sum(keras.ops.square(f1 - f2), axis=-1), 1e-12))
+    return {"distance": d, "match_score": match_score(d, cfg.matching.margin)}

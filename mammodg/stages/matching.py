@@ -1,8 +1,9 @@
 """``--stage matching``: CC/MLO mass matching with a siamese embedding and the max-margin contrastive loss
 (MSVCL v2 section III-C-2, eq. (3); README "Mass matching"). Inputs: :mod:`mammodg.augment.matching_pairs`.
 
-The embedding of an ROI is the (contrastive) backbone's pooled features of its 224x224 crop joined with its
-geometric features (ROI-to-nipple, ROI-to-chest-wall distance, ROI size), through a two-layer head. A pair
+The embedding of an ROI (:func:`mammodg.augment.matching_pairs.build_matcher`) is the (contrastive)
+backbone's pooled features of its 224x224 crop joined with its geometric features (ROI-to-nipple and
+ROI-to-chest-wall distance, ROI size), through a two-layer head. A pair
 matches when ``D < margin / 2``, i.e. ``match_score = clip(1 - D / margin, 0, 1) > 0.5`` (a fixed threshold:
 eq. (3) pulls matches to D = 0 and pushes the rest past ``margin``). Validation: eq. (3) on the validation
 pairs (the monitor) and the matching accuracy at that threshold.
@@ -14,12 +15,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from mammodg.augment.matching_pairs import build_matcher, pair_outputs
 from mammodg.config import ConfigError, TrainConfig
 from mammodg.losses import max_margin_contrastive
 from mammodg.train import Task
-
-INPUTS = ("roi_cc", "geom_cc", "roi_mlo", "geom_mlo")
-
 
 @keras.saving.register_keras_serializable("mammodg")
 class MaxMarginLoss(keras.losses.Loss):
@@ -45,52 +44,6 @@ def check(cfg: TrainConfig) -> None:
     if m.backbone_from and not (Path(m.backbone_from) / "backbone.weights.h5").is_file():
         raise FileNotFoundError(f"matching.backbone_from: {Path(m.backbone_from) / 'backbone.weights.h5'} not found; "
                                 "train it with `mammodg train --stage contrastive`")
-
-
-def build_matcher(cfg: TrainConfig):
-    """Siamese model ``{roi_cc, geom_cc, roi_mlo, geom_mlo}`` -> (b, 2, embedding_dim); one shared ``embedding``
-    sub-model (backbone from ``matching.backbone_from`` through the FCOS feature loader, or random)."""
-    from mammodg import models
-    from mammodg.models import fcos  # noqa: F401  (registers the feature extractors)
-
-    m, s = cfg.matching, cfg.matching.roi_size
-    if m.backbone == "tiny":
-        features = models.build("fcos_tiny_features", input_shape=(s, s, 1), width=m.backbone_width)
-    else:
-        weights = str(Path(m.backbone_from) / "backbone.weights.h5") if m.backbone_from else None
-        features = models.build("fcos_resnet50_features", input_shape=(s, s, 1), backbone_weights=weights)
-    roi, geom = keras.Input((s, s, 1), name="roi"), keras.Input((3,), name="geom")
-    h = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(features(roi)["c5"]), geom])
-    h = keras.layers.Dense(m.hidden_dim, activation="relu")(h)
-    embed = keras.Model([roi, geom], keras.layers.Dense(m.embedding_dim)(h), name="embedding")
-    x = {k: keras.Input((s, s, 1) if k.startswith("roi") else (3,), name=k) for k in INPUTS}
-    pair = [embed([x["roi_cc"], x["geom_cc"]]), embed([x["roi_mlo"], x["geom_mlo"]])]
-    return keras.Model(x, keras.ops.stack(pair, axis=1), name="matcher")
-
-
-def load_matcher(run: Path, cfg: TrainConfig):
-    model = build_matcher(cfg)
-    best = Path(run) / "best.weights.h5"
-    if not best.is_file():
-        raise FileNotFoundError(f"{best} not found: train the run first (mammodg train --stage matching)")
-    model.load_weights(best)
-    return model
-
-
-def match_score(distance, margin: float):
-    """Match score in [0, 1] of an embedding distance: ``1 - D / margin`` clipped; > 0.5 means D < margin / 2."""
-    return keras.ops.clip(1.0 - distance / margin, 0.0, 1.0)
-
-
-def pair_outputs(model, cfg: TrainConfig, roi_cc, geom_cc, roi_mlo, geom_mlo) -> dict:
-    """``distance`` and ``match_score`` of CC/MLO ROI pairs given as stored uint16 crops + geometric features."""
-    from mammodg.augment.matching_pairs import roi_inputs
-
-    embed, geom = model.get_layer("embedding"), lambda g: keras.ops.convert_to_tensor(g, "float32")
-    f1 = embed([roi_inputs(roi_cc, cfg.target_mean), geom(geom_cc)], training=False)
-    f2 = embed([roi_inputs(roi_mlo, cfg.target_mean), geom(geom_mlo)], training=False)
-    d = keras.ops.sqrt(keras.ops.maximum(keras.ops.sum(keras.ops.square(f1 - f2), axis=-1), 1e-12))
-    return {"distance": d, "match_score": match_score(d, cfg.matching.margin)}
 
 
 def matching_data(cfg: TrainConfig, split: str, run_dir=None) -> dict:
