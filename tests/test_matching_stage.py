@@ -126,3 +126,31 @@ def test_export_fresh_process_and_evaluate(run, tmp_path, capsys):
     assert rep["ap50_before"] == pytest.approx(ap(data["images"]), abs=1e-6)
     assert rep["ap50_after"] == pytest.approx(ap(after), abs=1e-6)
     assert rep["ap50_change"] == pytest.approx(rep["ap50_after"] - rep["ap50_before"], abs=1e-9)
+
+
+def test_detection_run_candidates(tiny_records, tmp_path):
+    """With ``matching.detection_run`` the candidates are that run's exported detections, run once and cached
+    per image in the matching run folder (a later read takes the cache, top ``max_candidates`` by score)."""
+    from mammodg.augment.matching_pairs import breasts, detection_candidates
+
+    det = tmp_path / "det"
+    assert main(["train", "--stage", "detection", *[a for s in (
+        f"data_dir={tiny_records}", f"run_dir={det}", "detection.backbone=tiny", "detection.input_size=[64,48]",
+        "detection.width=16", "detection.tower_convs=1", "detection.groups=4", "detection.score_threshold=0.0",
+        "batch_size=4", "steps=2", "val_every=2") for a in ("--set", s)]]) == 0
+    run = tmp_path / "match"
+    assert main(["train", "--stage", "matching", *[a for s in (
+        f"data_dir={tiny_records}", f"run_dir={run}", f"matching.detection_run={det}", "matching.max_candidates=3",
+        "matching.roi_size=32", "matching.backbone_width=4", "matching.hidden_dim=16", "matching.embedding_dim=8",
+        "steps=2", "val_every=2", "batch_size=8", "export=false") for a in ("--set", s)]]) == 0
+    cache = json.loads((run / "detections_train.json").read_text())
+    views = [b[v] for b in breasts(tiny_records, "train", MatchingConfig().lesion_classes) for v in ("CC", "MLO")]
+    assert set(cache) == {v["image_id"] for v in views} and (run / "detections_val.json").is_file()
+    first = views[0]["image_id"]
+    scores = np.asarray(cache[first]["scores"])
+    assert len(scores) > 3
+    cache[first] = {"boxes": [[1, 2, 9, 12], [3, 3, 8, 8], [0, 0, 5, 5], [2, 2, 4, 4]], "scores": [0.1, 0.9, 0.5, 0.7]}
+    (run / "detections_train.json").write_text(json.dumps(cache))
+    boxes, s = detection_candidates(tmp_path / "absent", views[:1], run / "detections_train.json", 3)[0]
+    np.testing.assert_array_equal(s, [0.9, 0.7, 0.5])
+    np.testing.assert_array_equal(boxes, [[3, 3, 8, 8], [2, 2, 4, 4], [0, 0, 5, 5]])

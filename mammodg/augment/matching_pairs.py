@@ -84,6 +84,7 @@ def detection_candidates(detection_run, views: list[dict], cache: Path, max_cand
             saved[v["image_id"]] = {"boxes": out["boxes"][:n].tolist(), "scores": out["scores"][:n].tolist()}
         from mammodg.io.atomic import atomic_write_json
 
+        cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, saved)
     out = []
     for v in views:
