@@ -154,3 +154,17 @@ def test_detection_run_candidates(tiny_records, tmp_path):
     boxes, s = detection_candidates(tmp_path / "absent", views[:1], run / "detections_train.json", 3)[0]
     np.testing.assert_array_equal(s, [0.9, 0.7, 0.5])
     np.testing.assert_array_equal(boxes, [[3, 3, 8, 8], [2, 2, 4, 4], [0, 0, 5, 5]])
+
+
+def test_bad_inputs_are_one_line_errors(tiny_records, tmp_path, capsys):
+    base = ["train", "--stage", "matching", "--set", f"data_dir={tiny_records}", "--set", f"run_dir={tmp_path / 'r'}",
+            "--set", "matching.roi_size=32", "--set", "steps=2", "--set", "val_every=2"]
+    assert main([*base, "--set", f"matching.detection_run={tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "nope" / "saved_model") in err[0]
+    assert main([*base, "--set", "matching.backbone=resnet50", "--set", f"matching.backbone_from={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "backbone.weights.h5 not found" in err[0]
+    assert main([*base, "--set", "matching.roi_size=8"]) == 2
+    assert "roi_size" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing trained or written

@@ -78,6 +78,10 @@ def detection_candidates(detection_run, views: list[dict], cache: Path, max_cand
         if not path.is_dir():
             raise FileNotFoundError(f"matching.detection_run: {path} not found; train and export a detection run")
         serve = tf.saved_model.load(str(path)).signatures["serve_images"]
+        want = serve.structured_input_signature[1]["images"].shape[1:3]
+        if not want.is_compatible_with(missing[0]["image"].shape[:2]):
+            raise ValueError(f"matching.detection_run: {path} takes {want.as_list()} images, the records hold "
+                             f"{list(missing[0]['image'].shape[:2])}; use the records it was trained on")
         for v in missing:
             out = {k: t.numpy()[0] for k, t in serve(images=tf.constant(v["image"][None])).items()}
             n = int(out["num_detections"])
