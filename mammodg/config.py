@@ -337,6 +337,7 @@ class MatchingConfig:
     iou_threshold: float = 0.5  # a candidate is a TP of a ground truth at this IoU
     roi_size: int = 224  # ROI crops (squares of the long side enlarged by ``enlarge``) are resized to this
     enlarge: float = 0.2
+    flip: float = 0.5  # probability of flipping both crops of a training pair left-right together
     backbone: Literal["resnet50", "tiny"] = "resnet50"  # tiny: a few convolutions, tests and quick demos
     backbone_from: str = ""  # run folder of a contrastive run: its backbone.weights.h5 ("": random)
     backbone_width: int = 8  # channels of the tiny backbone

@@ -168,3 +168,20 @@ def test_bad_inputs_are_one_line_errors(tiny_records, tmp_path, capsys):
     assert main([*base, "--set", "matching.roi_size=8"]) == 2
     assert "roi_size" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing trained or written
+
+
+def test_pair_flip_is_synchronous():
+    """flip=1: both crops of every pair are the unflipped batch mirrored left-right; geometry and labels kept."""
+    from mammodg.augment.matching_pairs import pair_dataset
+
+    rng = np.random.default_rng(3)
+    data = {"rois": rng.integers(1, 65535, (6, 32, 32, 1)).astype(np.uint16), "geom": rng.random((6, 3)).astype(np.float32),
+            "a": np.array([0, 1, 2]), "b": np.array([3, 4, 5]), "y": np.array([1, 0, 0])}
+    plain = next(iter(pair_dataset(data, 0.25, 7, 4, flip=0.0)))
+    flipped = next(iter(pair_dataset(data, 0.25, 7, 4, flip=1.0)))
+    for k in ("roi_cc", "roi_mlo"):
+        np.testing.assert_array_equal(flipped[0][k].numpy(), plain[0][k].numpy()[:, :, ::-1])
+    for k in ("geom_cc", "geom_mlo"):
+        np.testing.assert_array_equal(flipped[0][k].numpy(), plain[0][k].numpy())
+    np.testing.assert_array_equal(flipped[1].numpy(), plain[1].numpy())
+    assert (plain[1].numpy() == 1).any()  # positives drawn although 1 of 3 pairs

@@ -147,21 +147,30 @@ def roi_inputs(rois, target_mean: float):
     return tf.map_fn(lambda s: model_input(s, target_mean), tf.convert_to_tensor(rois), fn_output_signature=tf.float32)
 
 
-def pair_dataset(data: dict, target_mean: float, seed: int, batch_size: int):
+def pair_dataset(data: dict, target_mean: float, seed: int, batch_size: int, flip: float = 0.0):
     """Infinite shuffled batches ``({"roi_cc", "geom_cc", "roi_mlo", "geom_mlo"}, y)``, positives and negatives
-    drawn half and half (a breast has far more FP pairs than matches; one class only: as it comes)."""
+    drawn half and half (a breast has far more FP pairs than matches; one class only: as it comes). With
+    probability ``flip`` both crops of a pair are flipped left-right together (section IV-B: augmentation
+    synchronous for the paired views; the geometric features do not change under a flip)."""
     import tensorflow as tf
 
     rois, geom = tf.constant(data["rois"]), tf.constant(data["geom"])
 
-    def gather(a, b, y):
-        return {"roi_cc": roi_inputs(tf.gather(rois, a), target_mean), "geom_cc": tf.gather(geom, a),
-                "roi_mlo": roi_inputs(tf.gather(rois, b), target_mean), "geom_mlo": tf.gather(geom, b)}, tf.cast(y, tf.float32)
+    def gather(i, pair):
+        a, b, y = pair
+        draw = tf.random.stateless_uniform([tf.shape(a)[0], 1, 1, 1], tf.stack([tf.cast(seed, tf.int64), i]))
+
+        def crops(idx):
+            x = roi_inputs(tf.gather(rois, idx), target_mean)
+            return tf.where(draw < flip, tf.reverse(x, [2]), x)
+
+        return {"roi_cc": crops(a), "geom_cc": tf.gather(geom, a), "roi_mlo": crops(b), "geom_mlo": tf.gather(geom, b)}, \
+            tf.cast(y, tf.float32)
 
     parts = [tf.data.Dataset.from_tensor_slices((data["a"][sel], data["b"][sel], data["y"][sel])).repeat()
              .shuffle(1024, seed=seed) for sel in (data["y"] == 1, data["y"] == 0) if sel.any()]
     ds = parts[0] if len(parts) == 1 else tf.data.Dataset.sample_from_datasets(parts, [0.5, 0.5], seed=seed)
-    return ds.batch(batch_size, drop_remainder=True).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+    return ds.batch(batch_size, drop_remainder=True).enumerate().map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
 def rescore(images: list[dict], best_match: np.ndarray, boost: float) -> list[dict]:
