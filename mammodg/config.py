@@ -346,6 +346,7 @@ class MatchingConfig:
     margin: float = 10.0  # m of eq. (3); a pair matches when D < m / 2 (match_score > 0.5)
     momentum: float = 0.9  # SGD (section IV-B)
     weight_decay: float = 1.0e-5
+    clipnorm: float = 0.0  # > 0: clip the global gradient norm (eq. (3) is unbounded; not in the paper)
     rescore_boost: float = 0.5  # evaluate: score += boost * match_score * (1 - score) on a strong match
 
 

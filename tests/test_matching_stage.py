@@ -177,11 +177,18 @@ def test_pair_flip_is_synchronous():
     rng = np.random.default_rng(3)
     data = {"rois": rng.integers(1, 65535, (6, 32, 32, 1)).astype(np.uint16), "geom": rng.random((6, 3)).astype(np.float32),
             "a": np.array([0, 1, 2]), "b": np.array([3, 4, 5]), "y": np.array([1, 0, 0])}
-    plain = next(iter(pair_dataset(data, 0.25, 7, 4, flip=0.0)))
-    flipped = next(iter(pair_dataset(data, 0.25, 7, 4, flip=1.0)))
+    plain = next(iter(pair_dataset(data, 7, 4, flip=0.0)))
+    flipped = next(iter(pair_dataset(data, 7, 4, flip=1.0)))
     for k in ("roi_cc", "roi_mlo"):
         np.testing.assert_array_equal(flipped[0][k].numpy(), plain[0][k].numpy()[:, :, ::-1])
     for k in ("geom_cc", "geom_mlo"):
         np.testing.assert_array_equal(flipped[0][k].numpy(), plain[0][k].numpy())
     np.testing.assert_array_equal(flipped[1].numpy(), plain[1].numpy())
     assert (plain[1].numpy() == 1).any()  # positives drawn although 1 of 3 pairs
+
+
+def test_roi_inputs_are_unit_values_with_zero_outside():
+    from mammodg.augment.matching_pairs import roi_inputs
+
+    x = np.array([0, 1, 65535, 32768], np.uint16).reshape(1, 2, 2, 1)
+    np.testing.assert_allclose(roi_inputs(x).numpy().ravel(), [0, 0, 1, 32767 / 65534], rtol=1e-6)

@@ -138,16 +138,18 @@ def candidate_set(breast_list: list[dict], candidates: list[tuple], m) -> dict:
             "a": cat(a, (0,), np.int64), "b": cat(b, (0,), np.int64), "y": cat(y, (0,), np.int64), "images": images}
 
 
-def roi_inputs(rois, target_mean: float):
-    """Stored uint16 ROI crops (n, s, s, 1) -> float32 model inputs (each crop its own outside constant)."""
-    import tensorflow as tf
+def roi_inputs(rois):
+    """Stored uint16 ROI crops (n, s, s, 1) -> float32 model inputs: ``v`` in [0, 1] inside the breast, 0 outside.
 
-    from mammodg.records.schema import model_input
+    Not the whole-image outside constant that sets the mean to ``target_mean``: in a crop that is almost all
+    breast that constant is huge (a few outside pixels carry the whole difference: about -350 for 1 outside
+    pixel of 1024)."""
+    from mammodg.preprocess.stored import unit_values_tf
 
-    return tf.map_fn(lambda s: model_input(s, target_mean), tf.convert_to_tensor(rois), fn_output_signature=tf.float32)
+    return unit_values_tf(rois, 0.0)
 
 
-def pair_dataset(data: dict, target_mean: float, seed: int, batch_size: int, flip: float = 0.0):
+def pair_dataset(data: dict, seed: int, batch_size: int, flip: float = 0.0):
     """Infinite shuffled batches ``({"roi_cc", "geom_cc", "roi_mlo", "geom_mlo"}, y)``, positives and negatives
     drawn half and half (a breast has far more FP pairs than matches; one class only: as it comes). With
     probability ``flip`` both crops of a pair are flipped left-right together (section IV-B: augmentation
@@ -161,7 +163,7 @@ def pair_dataset(data: dict, target_mean: float, seed: int, batch_size: int, fli
         draw = tf.random.stateless_uniform([tf.shape(a)[0], 1, 1, 1], tf.stack([tf.cast(seed, tf.int64), i]))
 
         def crops(idx):
-            x = roi_inputs(tf.gather(rois, idx), target_mean)
+            x = roi_inputs(tf.gather(rois, idx))
             return tf.where(draw < flip, tf.reverse(x, [2]), x)
 
         return {"roi_cc": crops(a), "geom_cc": tf.gather(geom, a), "roi_mlo": crops(b), "geom_mlo": tf.gather(geom, b)}, \
@@ -230,7 +232,7 @@ def pair_outputs(model, cfg, roi_cc, geom_cc, roi_mlo, geom_mlo) -> dict:
     import keras
 
     embed, geom = model.get_layer("embedding"), lambda g: keras.ops.convert_to_tensor(g, "float32")
-    f1 = embed([roi_inputs(roi_cc, cfg.target_mean), geom(geom_cc)], training=False)
-    f2 = embed([roi_inputs(roi_mlo, cfg.target_mean), geom(geom_mlo)], training=False)
+    f1 = embed([roi_inputs(roi_cc), geom(geom_cc)], training=False)
+    f2 = embed([roi_inputs(roi_mlo), geom(geom_mlo)], training=False)
     d = keras.ops.sqrt(keras.ops.maximum(keras.ops.sum(keras.ops.square(f1 - f2), axis=-1), 1e-12))
     return {"distance": d, "match_score": match_score(d, cfg.matching.margin)}

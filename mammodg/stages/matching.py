@@ -106,10 +106,10 @@ def matching_task(cfg: TrainConfig) -> Task:
           f"{len(data['images']) // 2} breasts", flush=True)
     return Task(
         build_model=lambda: build_matcher(cfg), loss=MaxMarginLoss(m.margin),
-        batches=lambda start: pair_dataset(data, cfg.target_mean, cfg.seed + start, cfg.batch_size, m.flip),
+        batches=lambda start: pair_dataset(data, cfg.seed + start, cfg.batch_size, m.flip),
         validate=_validate(cfg), learning_rate=cfg.learning_rate,
-        optimizer=lambda **kw: keras.optimizers.SGD(cfg.learning_rate, momentum=m.momentum,
-                                                    weight_decay=m.weight_decay, **kw))
+        optimizer=lambda **kw: keras.optimizers.SGD(cfg.learning_rate, momentum=m.momentum, weight_decay=m.weight_decay,
+                                                    global_clipnorm=m.clipnorm or None, **kw))
 
 
 def run(cfg: TrainConfig):
