@@ -200,7 +200,8 @@ def _matching(run: Path, cfg) -> dict:
     model, s = load_matcher(run, cfg), cfg.matching.roi_size
     module = tf.Module()
     module.models = {"matcher": model}
-    roi, geom = (lambda n: tf.TensorSpec([None, s, s, 1], tf.uint16, name=n)), (lambda n: tf.TensorSpec([None, 3], tf.float32, name=n))
+    roi = lambda n: tf.TensorSpec([None, s, s, 1], tf.uint16, name=n)  # noqa: E731
+    geom = lambda n: tf.TensorSpec([None, 3], tf.float32, name=n)  # noqa: E731
 
     @tf.function(input_signature=[roi("roi_cc"), roi("roi_mlo"), geom("geom_cc"), geom("geom_mlo")])
     def serve_pairs(roi_cc, roi_mlo, geom_cc, geom_mlo):
@@ -237,7 +238,8 @@ def _save(module, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tf.saved_model.save(module, str(tmp), signatures={k: getattr(module, k) for k in getattr(module, "signature_names", SIGNATURES)})
+        names = getattr(module, "signature_names", SIGNATURES)  # a stage may serve other signatures (matching)
+        tf.saved_model.save(module, str(tmp), signatures={k: getattr(module, k) for k in names})
 
 
 def export_run(run_dir, out=None, log=print) -> list[Path]:

@@ -192,3 +192,16 @@ def test_roi_inputs_are_unit_values_with_zero_outside():
 
     x = np.array([0, 1, 65535, 32768], np.uint16).reshape(1, 2, 2, 1)
     np.testing.assert_allclose(roi_inputs(x).numpy().ravel(), [0, 0, 1, 32767 / 65534], rtol=1e-6)
+
+
+def test_pair_scores_loss_is_eq3_and_accuracy_at_half_margin():
+    from mammodg.losses import max_margin_contrastive
+    from mammodg.stages.matching import pair_scores
+
+    rng = np.random.default_rng(5)
+    f1, f2, y = rng.normal(0, 4, (12, 3)), rng.normal(0, 4, (12, 3)), np.arange(12) % 3 == 0
+    d = np.linalg.norm(f1 - f2, axis=1)
+    s = pair_scores(d, y.astype(int), 10.0)
+    assert s["loss"] == pytest.approx(float(max_margin_contrastive(f1, f2, y, 10.0)), rel=1e-5)
+    assert s["accuracy"] == pytest.approx(accuracy_score(y, d < 5.0))
+    assert s["positive_accuracy"] == pytest.approx(np.mean(d[y] < 5.0)) and s["positives"] == 4 and s["pairs"] == 12

@@ -80,7 +80,8 @@ def pair_scores(d: np.ndarray, y: np.ndarray, margin: float) -> dict:
     per = np.where(y, d ** 2, np.maximum(margin - d, 0) ** 2)
     recall = lambda sel: float((pred[sel] == y[sel]).mean()) if sel.any() else None  # noqa: E731
     return {"loss": float(per.sum() / (2 * max(len(d), 1))), "accuracy": float((pred == y).mean()) if len(d) else None,
-            "positive_accuracy": recall(y), "negative_accuracy": recall(~y), "pairs": int(len(d)), "positives": int(y.sum())}
+            "positive_accuracy": recall(y), "negative_accuracy": recall(~y), "pairs": int(len(d)),
+            "positives": int(y.sum())}
 
 
 def _validate(cfg: TrainConfig):
