@@ -144,6 +144,10 @@ def cmd_evaluate(args) -> int:
         from mammodg.evaluate import evaluate_detection
 
         paths = evaluate_detection(run, split=args.split, data_dir=args.data)
+    elif stage == "matching":
+        from mammodg.evaluate import evaluate_matching
+
+        paths = evaluate_matching(run, split=args.split)
     else:
         paths = evaluate_run(run, split=args.split, n_boot=args.n_boot)
     for k, v in paths.items():
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("evaluate", help="classifier: metrics, bootstrap CIs, ROC, validation curves; contrastive: style invariance")
     p.add_argument("--run", required=True, help="run folder of a classifier or contrastive run")
-    p.add_argument("--stage", choices=("classifier", "contrastive", "detection", "birads", "density"),
+    p.add_argument("--stage", choices=("classifier", "contrastive", "detection", "matching", "birads", "density"),
                    help="default: the run's own stage")
     p.add_argument("--data", help="contrastive / detection / birads / density: evaluate this image-records folder "
                                   "instead (other vendors: unseen domains)")

@@ -392,6 +392,30 @@ class DetectionConfig:
 
 
 @dataclasses.dataclass
+class MatchingConfig:
+    """``--stage matching``: CC/MLO mass matching (MSVCL v2 sections III-C-2, IV-B; README "Mass matching")."""
+
+    detection_run: str = ""  # run folder of a detection run: candidates are its detections; "": stand-in candidates
+    standin_false_positives: int = 2  # stand-in: false-positive boxes drawn on breast tissue per image
+    max_candidates: int = 8  # detections per image kept as candidates (highest scores)
+    lesion_classes: list[str] = dataclasses.field(default_factory=lambda: ["benign_mass", "malignant_mass"])
+    iou_threshold: float = 0.5  # a candidate is a TP of a ground truth at this IoU
+    roi_size: int = 224  # ROI crops (squares of the long side enlarged by ``enlarge``) are resized to this
+    enlarge: float = 0.2
+    flip: float = 0.5  # probability of flipping both crops of a training pair left-right together
+    backbone: Literal["resnet50", "tiny"] = "resnet50"  # tiny: a few convolutions, tests and quick demos
+    backbone_from: str = ""  # run folder of a contrastive run: its backbone.weights.h5 ("": random)
+    backbone_width: int = 8  # channels of the tiny backbone
+    hidden_dim: int = 256
+    embedding_dim: int = 128
+    margin: float = 10.0  # m of eq. (3); a pair matches when D < m / 2 (match_score > 0.5)
+    momentum: float = 0.9  # SGD (section IV-B)
+    weight_decay: float = 1.0e-5
+    clipnorm: float = 0.0  # > 0: clip the global gradient norm (eq. (3) is unbounded; not in the paper)
+    rescore_boost: float = 0.5  # evaluate: score += boost * match_score * (1 - score) on a strong match
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """A training stage (``mammodg train --stage S``); paper defaults in configs/periodic_sampling/."""
 
@@ -422,6 +446,7 @@ class TrainConfig:
     birads: BiradsConfig = dataclasses.field(default_factory=BiradsConfig)
     density: DensityConfig = dataclasses.field(default_factory=DensityConfig)
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
+    matching: MatchingConfig = dataclasses.field(default_factory=MatchingConfig)
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or f"runs/{self.stage}"

@@ -259,8 +259,29 @@ def _detection(run: Path, cfg) -> dict:
     return {"": serving_module({"detector": detector}, shape, outputs)}
 
 
+def _matching(run: Path, cfg) -> dict:
+    """CC/MLO ROI pair matching: ``serve_pairs(roi_cc, roi_mlo: uint16 (b, s, s, 1) stored crops, geom_cc,
+    geom_mlo: float32 (b, 3) geometric features)`` -> ``match_score`` (b,) in [0, 1] and ``distance`` (b,)."""
+    import tensorflow as tf
+
+    from mammodg.augment.matching_pairs import load_matcher, pair_outputs
+
+    model, s = load_matcher(run, cfg), cfg.matching.roi_size
+    module = tf.Module()
+    module.models = {"matcher": model}
+    roi = lambda n: tf.TensorSpec([None, s, s, 1], tf.uint16, name=n)  # noqa: E731
+    geom = lambda n: tf.TensorSpec([None, 3], tf.float32, name=n)  # noqa: E731
+
+    @tf.function(input_signature=[roi("roi_cc"), roi("roi_mlo"), geom("geom_cc"), geom("geom_mlo")])
+    def serve_pairs(roi_cc, roi_mlo, geom_cc, geom_mlo):
+        return pair_outputs(model, cfg, roi_cc, geom_cc, roi_mlo, geom_mlo)
+
+    module.serve_pairs, module.signature_names = serve_pairs, ["serve_pairs"]
+    return {"": module}
+
+
 STAGE_EXPORTS = {"patch": _patch, "classifier": _classifier, "contrastive": _contrastive, "cyclegan": _cyclegan,
-                 "detection": _detection, "birads": _birads, "density": _density}
+                 "detection": _detection, "matching": _matching, "birads": _birads, "density": _density}
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -270,7 +291,7 @@ def describe(module) -> list[str]:
         return f"{name}: {t.dtype.name}[{', '.join('?' if d is None else str(d) for d in t.shape.as_list())}]"
 
     lines = []
-    for name in SIGNATURES:
+    for name in getattr(module, "signature_names", SIGNATURES):
         fn = getattr(module, name).get_concrete_function()
         inputs = ", ".join(spec(s.name, s) for s in fn.structured_input_signature[0])
         outputs = ", ".join(spec(k, t) for k, t in sorted(fn.structured_outputs.items()))
@@ -286,7 +307,8 @@ def _save(module, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tf.saved_model.save(module, str(tmp), signatures={k: getattr(module, k) for k in SIGNATURES})
+        names = getattr(module, "signature_names", SIGNATURES)  # a stage may serve other signatures (matching)
+        tf.saved_model.save(module, str(tmp), signatures={k: getattr(module, k) for k in names})
 
 
 def export_run(run_dir, out=None, log=print) -> list[Path]:

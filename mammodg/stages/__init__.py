@@ -16,6 +16,7 @@ STAGE_MODULES = {
     "birads": "birads",
     "density": "density",
     "detection": "detection",
+    "matching": "matching",
 }
 
 
