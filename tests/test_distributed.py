@@ -8,11 +8,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 from mammodg.config import TrainConfig, VGGConfig, to_dict
 
 TIMEOUT_S = 240  # both workers are killed after this
@@ -62,8 +61,9 @@ def _free_ports(n):
     return ports
 
 
-def _launch(cfg, out: Path, workers: int, id_steps: int = 3):
-    """Run ``workers`` worker processes (1: a plain single process); kill all after TIMEOUT_S."""
+def _start(cfg, out: Path, workers: int, id_steps: int):
+    """Start ``workers`` worker processes (1: a plain single process, no TF_CONFIG) writing under ``out``."""
+    out.mkdir()
     ports = _free_ports(workers)
     cfg = dataclasses.replace(cfg, run_dir=str(out / "run"))
     procs = []
@@ -76,27 +76,36 @@ def _launch(cfg, out: Path, workers: int, id_steps: int = 3):
         args = json.dumps({"cfg": to_dict(cfg), "out": str(out / f"worker{k}"), "id_steps": id_steps})
         log = open(out / f"worker{k}.log", "w")
         procs.append(subprocess.Popen([sys.executable, "-c", WORKER, args], env=env, stdout=log, stderr=subprocess.STDOUT))
+    return out, procs
+
+
+def _finish(runs):
+    """Wait for every process (all are killed TIMEOUT_S after the first wait); each worker's (arrays, info)."""
+    deadline = time.monotonic() + TIMEOUT_S
     try:
-        for p in procs:
-            p.wait(timeout=TIMEOUT_S)
+        for _, procs in runs:
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pass
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for k, p in enumerate(procs):
-        assert p.returncode == 0, f"worker {k} failed ({p.returncode}):\n" + (out / f"worker{k}.log").read_text()[-4000:]
-    return [(dict(np.load(out / f"worker{k}.npz")), json.loads((out / f"worker{k}.json").read_text()))
-            for k in range(workers)]
+        for _, procs in runs:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    results = []
+    for out, procs in runs:
+        for k, p in enumerate(procs):
+            assert p.returncode == 0, f"{out.name} worker {k} failed ({p.returncode}):\n" + (out / f"worker{k}.log").read_text()[-4000:]
+        results.append([(dict(np.load(out / f"worker{k}.npz")), json.loads((out / f"worker{k}.json").read_text()))
+                        for k in range(len(procs))])
+    return results
 
 
 def _check(cfg, tmp_path, atol, id_steps=3):
-    (tmp_path / "multi").mkdir()
-    (tmp_path / "single").mkdir()
-    multi = _launch(cfg, tmp_path / "multi", 2, id_steps)
-    single = _launch(cfg, tmp_path / "single", 1, id_steps)
+    # the 2 workers and the single-process reference run side by side (one thread each)
+    multi, single = _finish([_start(cfg, tmp_path / "multi", 2, id_steps), _start(cfg, tmp_path / "single", 1, id_steps)])
     (w0, i0), (w1, i1) = multi
     (ws, is_) = single[0]
     assert i0["replicas"] == i1["replicas"] == 2 and is_["replicas"] == 1
