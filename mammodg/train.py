@@ -91,8 +91,11 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def cluster() -> tuple[int, int, bool]:
     """(number of workers, this worker's index, whether it is the chief) from ``TF_CONFIG``; (1, 0, True)
     without one. The chief is the task of type ``chief``, else worker 0."""
-    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    spec, task = tf_config.get("cluster", {}), tf_config.get("task", {})
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        spec, task = tf_config.get("cluster", {}), tf_config.get("task", {})
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"TF_CONFIG: not a JSON cluster description ({e})") from None
     order = [("chief", i) for i in range(len(spec.get("chief", [])))] + [("worker", i) for i in range(len(spec.get("worker", [])))]
     if len(order) < 2:
         return 1, 0, True

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from mammodg.config import TrainConfig, VGGConfig, to_dict
 
 TIMEOUT_S = 240  # both workers are killed after this
@@ -150,3 +151,25 @@ def test_two_workers_train_the_contrastive_stage_like_one_process(tiny_records, 
     c.method, c.pairs_dir, c.input_size, c.hidden_dim, c.projection_dim = "simclr", str(tmp_path / "pairs"), [32, 32], 16, 8
     c.crop_scale = [0.5, 1.0]
     _check(cfg, tmp_path, atol=1e-5, id_steps=0)
+
+
+def test_cluster_reads_tf_config(monkeypatch):
+    from mammodg.config import ConfigError
+    from mammodg.train import cluster
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert cluster() == (1, 0, True)
+    two = {"worker": ["a:1", "b:2"]}
+    for task, expected in (({"type": "worker", "index": 0}, (2, 0, True)), ({"type": "worker", "index": 1}, (2, 1, False)),
+                           ({"type": "chief", "index": 0}, (3, 0, True)), ({"type": "worker", "index": 0}, (3, 1, False))):
+        spec = {**two, "chief": ["c:3"]} if expected[0] == 3 else two
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": spec, "task": task}))
+        assert cluster() == expected
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}))
+    assert cluster() == (1, 0, True)  # a one-worker cluster trains like one machine
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": two, "task": {"type": "worker", "index": 5}}))
+    with pytest.raises(ConfigError, match="TF_CONFIG: task"):
+        cluster()
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ConfigError, match="TF_CONFIG: not a JSON"):
+        cluster()
