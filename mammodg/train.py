@@ -164,10 +164,10 @@ def _callbacks(trainer, ema: bool):
 
 
 def _worker_copy(run_dir: Path, index: int) -> Path:
-    """A non-chief worker's private run folder: a temporary folder holding copies of the chief's checkpoint
-    and state (what a resume reads); what the worker writes there is discarded by nobody but the OS."""
+    """A non-chief worker's private run folder: a temporary folder holding copies of the chief's checkpoint,
+    state and best weights (what a resume reads); the OS discards what the worker writes there."""
     out = Path(tempfile.mkdtemp(prefix=f"mammodg-worker{index}-"))
-    for name in ("last.keras", "state.json", "config.yaml"):
+    for name in ("last.keras", "state.json", "config.yaml", "best.weights.h5"):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, out / name)
     return out

@@ -62,9 +62,10 @@ def _free_ports(n):
     return ports
 
 
-def _start(cfg, out: Path, workers: int, id_steps: int):
-    """Start ``workers`` worker processes (1: a plain single process, no TF_CONFIG) writing under ``out``."""
-    out.mkdir()
+def _start(cfg, out: Path, workers: int, id_steps: int, tag: str = ""):
+    """Start ``workers`` worker processes (1: a plain single process, no TF_CONFIG) with run folder ``out/run``;
+    their files are ``out/worker<k><tag>.*``."""
+    out.mkdir(exist_ok=True)
     ports = _free_ports(workers)
     cfg = dataclasses.replace(cfg, run_dir=str(out / "run"))
     procs = []
@@ -74,10 +75,10 @@ def _start(cfg, out: Path, workers: int, id_steps: int):
         if workers > 1:
             env["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
                                            "task": {"type": "worker", "index": k}})
-        args = json.dumps({"cfg": to_dict(cfg), "out": str(out / f"worker{k}"), "id_steps": id_steps})
-        log = open(out / f"worker{k}.log", "w")
+        args = json.dumps({"cfg": to_dict(cfg), "out": str(out / f"worker{k}{tag}"), "id_steps": id_steps})
+        log = open(out / f"worker{k}{tag}.log", "w")
         procs.append(subprocess.Popen([sys.executable, "-c", WORKER, args], env=env, stdout=log, stderr=subprocess.STDOUT))
-    return out, procs
+    return out / f"{{}}{tag}", procs
 
 
 def _finish(runs):
@@ -97,18 +98,19 @@ def _finish(runs):
                     p.wait()
     results = []
     for out, procs in runs:
+        files = [str(out).format(f"worker{k}") for k in range(len(procs))]
+        logs = [Path(f + ".log").read_text() for f in files]
         for k, p in enumerate(procs):
-            assert p.returncode == 0, f"{out.name} worker {k} failed ({p.returncode}):\n" + (out / f"worker{k}.log").read_text()[-4000:]
-        results.append([(dict(np.load(out / f"worker{k}.npz")), json.loads((out / f"worker{k}.json").read_text()))
-                        for k in range(len(procs))])
+            assert p.returncode == 0, f"{files[k]} failed ({p.returncode}):\n" + logs[k][-4000:]
+        results.append([(dict(np.load(f + ".npz")), json.loads(Path(f + ".json").read_text()), log)
+                        for f, log in zip(files, logs)])
     return results
 
 
-def _check(cfg, tmp_path, atol, id_steps=3):
-    # the 2 workers and the single-process reference run side by side (one thread each)
-    multi, single = _finish([_start(cfg, tmp_path / "multi", 2, id_steps), _start(cfg, tmp_path / "single", 1, id_steps)])
-    (w0, i0), (w1, i1) = multi
-    (ws, is_) = single[0]
+def _compare(cfg, multi, single, atol):
+    """Both workers hold identical weights, BN statistics and optimizer (EMA) state, equal to the single process's."""
+    (w0, i0, _), (w1, i1, _) = multi
+    (ws, is_, _) = single[0]
     assert i0["replicas"] == i1["replicas"] == 2 and is_["replicas"] == 1
     assert i0["bn"] > 0 and i0["bn_synced"] == i0["bn"]  # every BatchNorm uses global-batch statistics
     assert w0.keys() == w1.keys() and any(k.startswith("o") for k in w0)  # optimizer state (EMA) included
@@ -121,6 +123,15 @@ def _check(cfg, tmp_path, atol, id_steps=3):
     diff = np.abs(multi_w - single_w)
     assert diff.max() <= 2 * cfg.learning_rate * cfg.steps
     assert np.mean(diff <= atol + 1e-3 * np.abs(single_w)) >= 0.99, np.mean(diff <= atol + 1e-3 * np.abs(single_w))
+
+
+def _check(cfg, tmp_path, atol, id_steps=3):
+    """Train ``cfg`` on 2 workers and in one process; compare them, and what each worker fed."""
+    # the 2 workers and the single-process reference run side by side (one thread each)
+    multi, single = _finish([_start(cfg, tmp_path / "multi", 2, id_steps), _start(cfg, tmp_path / "single", 1, id_steps)])
+    _compare(cfg, multi, single, atol)
+    (_, i0, _), (_, i1, _) = multi
+    is_ = single[0][1]
     # the single-process global batch is exactly the union of the workers' slices, and they are disjoint
     for step, whole in enumerate(is_["fed"]):
         a, b = i0["fed"][step], i1["fed"][step]
@@ -130,7 +141,6 @@ def _check(cfg, tmp_path, atol, id_steps=3):
     segs = lambda fed: sorted(s for batch in fed for _, s in batch)  # noqa: E731
     assert segs(i0["fed"] + i1["fed"]) == segs(is_["fed"])  # the periodic proportions over the global batch
     assert json.loads((tmp_path / "multi" / "run" / "state.json").read_text())["done"]  # the chief wrote the run
-    return w0, ws
 
 
 def test_two_workers_train_the_classifier_like_one_process(vgg_records, tmp_path):
@@ -139,6 +149,14 @@ def test_two_workers_train_the_classifier_like_one_process(vgg_records, tmp_path
                       vgg=VGGConfig(width=0.0625))
     cfg.classifier.init_from = ""
     _check(cfg, tmp_path, atol=1e-5)
+    # resumed to step 6: every worker reads the chief's last.keras and state.json, and still matches one process
+    longer = dataclasses.replace(cfg, steps=6)
+    multi, single = _finish([_start(longer, tmp_path / "multi", 2, 0, "-resumed"),
+                             _start(longer, tmp_path / "single", 1, 0, "-resumed")])
+    assert all("from step 4" in log for _, _, log in multi + single)
+    _compare(longer, multi, single, atol=1e-5)
+    history = json.loads((tmp_path / "multi" / "run" / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4, 6]
 
 
 def test_two_workers_train_the_contrastive_stage_like_one_process(tiny_records, tmp_path):
