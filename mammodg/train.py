@@ -165,7 +165,7 @@ def _callbacks(trainer, ema: bool):
 
 def _worker_copy(run_dir: Path, index: int) -> Path:
     """A non-chief worker's private run folder: a temporary folder holding copies of the chief's checkpoint,
-    state and best weights (what a resume reads); the OS discards what the worker writes there."""
+    state and best weights (what a resume reads); removed when the run ends."""
     out = Path(tempfile.mkdtemp(prefix=f"mammodg-worker{index}-"))
     for name in ("last.keras", "state.json", "config.yaml", "best.weights.h5"):
         if (run_dir / name).is_file():
@@ -367,6 +367,8 @@ class Trainer:
                 print(f"resuming {self.run_dir} from step {self.state['step']}", flush=True)
             self._fit(model)
         model.load_weights(self.run_dir / "best.weights.h5")
+        if not self.is_chief:
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # the worker's private copy (checkpoints: the chief's)
         return model
 
     def _fit(self, model):
