@@ -333,6 +333,9 @@ class Trainer:
 
         cfg = self.cfg
         check_config(cfg)
+        if self.task.compile and cfg.mixed_precision == "mixed_float16":
+            raise ConfigError(f"mixed_precision: the {cfg.stage} stage compiles its own optimizers without loss "
+                              "scaling; use mixed_bfloat16 or float32")
         resume = self.ckpt.is_file() and self.state_path.is_file()
         if resume:
             self.state = self._read_state()
@@ -342,9 +345,6 @@ class Trainer:
             save(cfg, self.run_dir / "config.yaml")
         keras.utils.set_random_seed(cfg.seed)
         strategy = distribution_strategy()
-        if self.task.compile and cfg.mixed_precision == "mixed_float16":
-            raise ConfigError(f"mixed_precision: the {cfg.stage} stage compiles its own optimizers without loss "
-                              "scaling; use mixed_bfloat16 or float32")
         policy = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(cfg.mixed_precision)  # read by every layer built below
         try:
@@ -353,7 +353,7 @@ class Trainer:
                 if not resume and self.task.after_build:
                     self.task.after_build(model)
                 self._compile(model)
-                model.jit_compile = cfg.jit_compile  # also for a task that compiles itself
+                model.jit_compile = cfg.jit_compile  # also for a task that compiles itself (Keras: off under tf.distribute)
                 if resume:
                     self._load_checkpoint(model)
         finally:
