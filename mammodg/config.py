@@ -23,6 +23,7 @@ ContrastiveMethod = Literal["simclr", "mscl", "mvcl", "msvcl"]
 ContrastiveOptimizer = Literal["sgd", "adamw"]
 PatientKey = Literal["source_and_id", "patient_id"]
 ContrastiveBackbone = Literal["resnet50", "resnet18"]
+Precision = Literal["float32", "mixed_bfloat16", "mixed_float16"]
 
 
 class ConfigError(ValueError):
@@ -435,6 +436,9 @@ class TrainConfig:
     shuffle_budget: int = 512  # serialized records held in all stream shuffle buffers together
     val_max_batches: int = 0  # 0 = the whole validation split
     export: bool = True  # write a SavedModel of the best EMA weights at the end
+    # Keras dtype policy of the model (losses stay float32); mixed_float16 adds loss scaling
+    mixed_precision: Precision = "float32"
+    jit_compile: bool = False  # XLA-compile the training step
     vgg: VGGConfig = dataclasses.field(default_factory=VGGConfig)  # patch and classifier backbone
     patch: PatchConfig = dataclasses.field(default_factory=PatchConfig)
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)

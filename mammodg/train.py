@@ -22,9 +22,12 @@ start step, and how to score a validation pass); the trainer does the rest:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,7 +37,7 @@ from mammodg.config import ConfigError, TrainConfig, from_dict, save, to_dict
 
 # Config fields a resumed run may change: how long it trains, and what does not touch the model, the
 # optimizer or the data order (a moved run folder, validation length, whether to export).
-RESUMABLE_FIELDS = ("steps", "run_dir", "val_max_batches", "export")
+RESUMABLE_FIELDS = ("steps", "run_dir", "val_max_batches", "export", "jit_compile")
 
 
 class TrainingError(RuntimeError):
@@ -85,11 +88,52 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def cluster() -> tuple[int, int, bool]:
+    """(number of workers, this worker's index, whether it is the chief) from ``TF_CONFIG``; (1, 0, True)
+    without one. The chief is the task of type ``chief``, else worker 0."""
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        spec, task = tf_config.get("cluster", {}), tf_config.get("task", {})
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"TF_CONFIG: not a JSON cluster description ({e})") from None
+    order = [("chief", i) for i in range(len(spec.get("chief", [])))] + [("worker", i) for i in range(len(spec.get("worker", [])))]
+    if len(order) < 2:
+        return 1, 0, True
+    me = (task.get("type"), int(task.get("index", 0)))
+    if me not in order:
+        raise ConfigError(f"TF_CONFIG: task {me} is not in its cluster {sorted(spec)}")
+    return len(order), order.index(me), order.index(me) == 0
+
+
+@functools.cache
 def distribution_strategy():
+    """MultiWorkerMirroredStrategy when ``TF_CONFIG`` names a cluster of several workers (created once, before
+    other TensorFlow work: collectives are configured at startup); else MirroredStrategy over the GPUs when
+    there are several; else the default strategy."""
     import tensorflow as tf
 
+    if cluster()[0] > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def synchronize_batchnorm(model) -> int:
+    """Make every BatchNormalization of ``model`` (nested models included) use cross-replica statistics, so N
+    replicas train as one device on the global batch (and the contrastive model cannot tell positives apart by
+    per-replica statistics); returns how many layers there are. Called under several replicas."""
+    import keras
+
+    def layers(m):
+        for layer in m.layers:
+            yield layer
+            if hasattr(layer, "layers"):
+                yield from layers(layer)
+
+    bns = [layer for layer in layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in bns:
+        layer.synchronized = True
+    return len(bns)
 
 
 def _callbacks(trainer, ema: bool):
@@ -119,11 +163,65 @@ def _callbacks(trainer, ema: bool):
     return [Progress(), keras.callbacks.TerminateOnNaN(raise_error=True), *swap, Period()]
 
 
+def _worker_copy(run_dir: Path, index: int) -> Path:
+    """A non-chief worker's private run folder: a temporary folder holding copies of the chief's checkpoint,
+    state and best weights (what a resume reads); removed when the run ends."""
+    out = Path(tempfile.mkdtemp(prefix=f"mammodg-worker{index}-"))
+    for name in ("last.keras", "state.json", "config.yaml", "best.weights.h5"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out / name)
+    return out
+
+
+def distribute_batches(strategy, data):
+    """Global batches -> per-replica slices: each worker keeps its replicas' slices of every global batch
+    (AutoShardPolicy.DATA after Keras-like rebatching), so no two workers feed the same samples."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(data.with_options(options))
+
+
+def _custom_loop(model, data, callbacks, cfg, initial_epoch: int) -> None:
+    """``model.fit``'s schedule with ``strategy.run(model.train_step)``: the same loss scaling (Keras' losses
+    divide by the replica count; gradients are summed over replicas), optimizer and EMA updates, and the same
+    callbacks. The global batch is split over the workers (AutoShardPolicy.DATA: worker k keeps its slice of
+    every global batch, :func:`distribute_batches`), so the sampling proportions hold over the global batch."""
+    import keras
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    batches = iter(distribute_batches(strategy, data))
+
+    @tf.function
+    def step(iterator):
+        logs = strategy.run(model.train_step, args=(next(iterator),))
+        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
+
+    epochs = cfg.steps // cfg.val_every
+    hooks = keras.callbacks.CallbackList(callbacks, model=model, epochs=epochs, steps=cfg.val_every, verbose=0)
+    logs = {}
+    hooks.on_train_begin()
+    for epoch in range(initial_epoch, epochs):
+        model.reset_metrics()
+        hooks.on_epoch_begin(epoch)
+        for batch in range(cfg.val_every):
+            hooks.on_train_batch_begin(batch)
+            logs = {k: float(v) for k, v in step(batches).items()}
+            hooks.on_train_batch_end(batch, logs)
+        hooks.on_epoch_end(epoch, logs)
+    hooks.on_train_end(logs)
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: str | Path, task: Task):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.task = task
+        self.workers, self.worker_index, self.is_chief = cluster()
+        if not self.is_chief:  # writes go to a private copy of the chief's run folder (read on resume)
+            self.run_dir = _worker_copy(self.run_dir, self.worker_index)
         self.epoch, self.step, self.loss = 0, 0, None
         self.trained = False  # whether run() trained any step (False: the run was already finished)
         self.bar = None  # tqdm progress bar over the steps while training
@@ -141,7 +239,9 @@ class Trainer:
         ema = {"use_ema": True, "ema_momentum": self.cfg.ema_momentum}
         make = self.task.optimizer or (lambda **kw: keras.optimizers.Adam(self.task.learning_rate, **kw))
         opt = make(**ema)
-        model.compile(optimizer=opt, loss=self.task.loss)
+        if self.cfg.mixed_precision == "mixed_float16":  # float16 gradients underflow without loss scaling
+            opt = keras.optimizers.LossScaleOptimizer(opt)
+        model.compile(optimizer=opt, loss=self.task.loss, jit_compile=self.cfg.jit_compile)
         model.optimizer.build(model.trainable_variables)  # optimizer (and EMA) variables exist before a resume
 
     def end_of_period(self, model, step, logs):
@@ -233,6 +333,9 @@ class Trainer:
 
         cfg = self.cfg
         check_config(cfg)
+        if self.task.compile and cfg.mixed_precision == "mixed_float16":
+            raise ConfigError(f"mixed_precision: the {cfg.stage} stage compiles its own optimizers without loss "
+                              "scaling; use mixed_bfloat16 or float32")
         resume = self.ckpt.is_file() and self.state_path.is_file()
         if resume:
             self.state = self._read_state()
@@ -242,13 +345,21 @@ class Trainer:
             save(cfg, self.run_dir / "config.yaml")
         keras.utils.set_random_seed(cfg.seed)
         strategy = distribution_strategy()
-        with strategy.scope():
-            model = self.task.build_model()
-            if not resume and self.task.after_build:
-                self.task.after_build(model)
-            self._compile(model)
-            if resume:
-                self._load_checkpoint(model)
+        policy = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(cfg.mixed_precision)  # read by every layer built below
+        try:
+            with strategy.scope():
+                model = self.task.build_model()
+                if not resume and self.task.after_build:
+                    self.task.after_build(model)
+                self._compile(model)
+                model.jit_compile = cfg.jit_compile  # also for a task that compiles itself (Keras: off under tf.distribute)
+                if resume:
+                    self._load_checkpoint(model)
+        finally:
+            keras.mixed_precision.set_global_policy(policy)
+        if strategy.num_replicas_in_sync > 1:
+            synchronize_batchnorm(model)
         if self.state["step"] >= cfg.steps:
             print(f"{self.run_dir} already trained to step {self.state['step']}", flush=True)
         else:
@@ -256,6 +367,8 @@ class Trainer:
                 print(f"resuming {self.run_dir} from step {self.state['step']}", flush=True)
             self._fit(model)
         model.load_weights(self.run_dir / "best.weights.h5")
+        if not self.is_chief:
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # the worker's private copy (checkpoints: the chief's)
         return model
 
     def _fit(self, model):
@@ -270,9 +383,14 @@ class Trainer:
                         mininterval=5, dynamic_ncols=True)
         self.period_start = time.perf_counter()
         self.trained = True
+        optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # inside a LossScaleOptimizer
+        callbacks = _callbacks(self, getattr(optimizer, "use_ema", False))
         try:
-            model.fit(data, steps_per_epoch=cfg.val_every, epochs=cfg.steps // cfg.val_every, initial_epoch=self.epoch,
-                      shuffle=False, callbacks=_callbacks(self, getattr(model.optimizer, "use_ema", False)), verbose=0)
+            if self.workers > 1:  # model.fit fails under MultiWorkerMirroredStrategy in Keras 3.15
+                _custom_loop(model, data, callbacks, cfg, self.epoch)
+            else:
+                model.fit(data, steps_per_epoch=cfg.val_every, epochs=cfg.steps // cfg.val_every,
+                          initial_epoch=self.epoch, shuffle=False, callbacks=callbacks, verbose=0)
         except RuntimeError as e:
             if self.loss is None or math.isfinite(float(self.loss)):
                 raise

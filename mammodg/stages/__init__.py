@@ -28,9 +28,10 @@ def run(stage: str, cfg):
 
     from mammodg.records.reader import INDEX_NAME
     from mammodg.records.verify import verify
-    from mammodg.train import TrainingError, check_config
+    from mammodg.train import TrainingError, check_config, distribution_strategy
 
     check_config(cfg)  # the trainer's fields, before a stage reads any data
+    distribution_strategy()  # a multi-worker strategy must exist before other TensorFlow work
     if (Path(cfg.data_dir) / INDEX_NAME).is_file():
         verify(cfg.data_dir, quick=True)  # missing, truncated or shortened shards, named, before training
     try:
@@ -53,7 +54,10 @@ def train_and_export(cfg, task):
     from mammodg.export import export_run
     from mammodg.train import Trainer
 
-    model = Trainer(cfg, cfg.resolved_run_dir(), task).run()
+    trainer = Trainer(cfg, cfg.resolved_run_dir(), task)
+    model = trainer.run()
+    if not trainer.is_chief:  # the chief writes the run folder
+        return model
     if cfg.export:
         export_run(cfg.resolved_run_dir())
     print(f"run folder: {cfg.resolved_run_dir()}", flush=True)

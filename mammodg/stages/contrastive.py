@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mammodg.config import ConfigError, TrainConfig
-from mammodg.train import Task, Trainer
+from mammodg.train import Task, Trainer, cluster
 
 
 def check(cfg: TrainConfig) -> None:
@@ -168,6 +168,8 @@ def run(cfg: TrainConfig):
     check(cfg)
     check_pairs(cfg)
     model = Trainer(cfg, cfg.resolved_run_dir(), contrastive_task(cfg)).run()
+    if not cluster()[2]:  # the chief writes the run folder
+        return model
     run_dir = Path(cfg.resolved_run_dir())
     history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").is_file() else []
     if history:  # the learning figures at the end of the log
