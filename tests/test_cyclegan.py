@@ -312,3 +312,15 @@ def test_killed_cyclegan_run_resumes(tiny_records, tmp_path, capsys):
     assert [h["step"] for h in json.loads((pair / "history.json").read_text())] == list(range(2, 14, 2))
     assert json.loads(state.read_text())["done"] is True and (run / "styles.json").is_file()
     assert main(args) == 0 and "already trained to step 12" in capsys.readouterr().out
+
+
+def test_non_chief_worker_writes_nothing_into_the_run_folder(tiny_records, tmp_path, monkeypatch):
+    """Multi-worker CycleGAN: a worker that is not the chief trains but leaves generators, styles.json, the
+    style grid and the SavedModels to the chief (the run folder is shared)."""
+    import mammodg.stages.cyclegan as stage
+
+    monkeypatch.setattr(stage, "cluster", lambda: (2, 1, False))
+    run = tmp_path / "run"
+    assert main(_stage_args(tiny_records, run, 2)) == 0
+    assert not (run / "generators").exists() and not (run / "styles.json").exists()
+    assert not (run / "style_grid.png").exists() and not (run / "saved_model").exists()

@@ -31,7 +31,7 @@ from pathlib import Path
 from mammodg.config import ConfigError, TrainConfig, save
 from mammodg.records.styles import STYLES_JSON, StyleTransfer
 from mammodg.io.atomic import atomic_write_json
-from mammodg.train import Task, Trainer, TrainingError, check_config
+from mammodg.train import Task, Trainer, TrainingError, check_config, cluster
 
 
 def safe_name(style: str) -> str:
@@ -141,14 +141,15 @@ def train_pair(cfg: TrainConfig, index: dict, a: str, b: str, run_dir: Path, k: 
     except TrainingError as e:
         raise TrainingError(f"cyclegan pair {a} <-> {b}: {e}") from None
     names = generator_name(a, b), generator_name(b, a)
-    if trainer.trained or not all((run_dir / "generators" / f"{n}.keras").is_file() for n in names):
+    if cluster()[2] and (trainer.trained or not all((run_dir / "generators" / f"{n}.keras").is_file() for n in names)):
         for generator, name in zip((gan.g_ab, gan.g_ba), names):
             _save_generator(generator, run_dir, name)
     return trainer.trained
 
 
-def run(cfg: TrainConfig) -> StyleTransfer:
-    """Train every pair of seen styles (resuming / skipping), then write styles.json and style_grid.png."""
+def run(cfg: TrainConfig) -> StyleTransfer | None:
+    """Train every pair of seen styles (resuming / skipping), then write styles.json and style_grid.png
+    (the chief only: other workers of a multi-worker run return None)."""
     from mammodg.augment.gan import first_image
     from mammodg.records.reader import load_index
     from mammodg.report import style_grid
@@ -160,6 +161,8 @@ def run(cfg: TrainConfig) -> StyleTransfer:
     run_dir = Path(cfg.resolved_run_dir())
     print(f"cyclegan: {len(styles)} styles {styles} -> {len(pairs)} pairs of {cfg.steps} steps", flush=True)
     trained = [train_pair(cfg, index, a, b, run_dir, k) for k, (a, b) in enumerate(pairs)]
+    if not cluster()[2]:  # multi-worker: only the chief writes the run folder (generators, styles, export)
+        return None
     if any(trained) or not (run_dir / "config.yaml").is_file():  # a finished run keeps its config
         save(cfg, run_dir / "config.yaml")
     gens = [{"src": s, "dst": d, "keras": f"generators/{generator_name(s, d)}.keras",
