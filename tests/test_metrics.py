@@ -21,7 +21,7 @@ from mammodg.metrics import (
     roc,
     weighted_log_loss,
 )
-from mammodg.metrics.classification import _auc_resamples
+from mammodg.metrics.bootstrap import _auc_resamples
 from mammodg.report import markdown_report, plot_roc, plot_validation_curves, write_report
 
 

@@ -1,5 +1,5 @@
 """Evaluation metrics (numpy only): WLL / image, ROC / AUC, operating points, bootstrap CIs and ΔAUC
-(:mod:`~mammodg.metrics.classification`), positive retrieval of contrastive pairs (:mod:`~mammodg.metrics.retrieval`)."""
+(:mod:`~mammodg.metrics.classification`, :mod:`~mammodg.metrics.bootstrap`), positive retrieval of contrastive pairs (:mod:`~mammodg.metrics.retrieval`)."""
 from mammodg.metrics import classification
 from mammodg.metrics.classification import (
     DEFAULT_THRESHOLDS,

@@ -16,7 +16,8 @@ from typing import Iterable
 
 import numpy as np
 
-from mammodg.metrics.classification import _ci, none_if_nan
+from mammodg.metrics.bootstrap import _ci
+from mammodg.metrics.classification import none_if_nan
 
 
 def majority_rate(y_true) -> float:
