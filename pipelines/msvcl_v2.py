@@ -94,7 +94,8 @@ def build_data(spec: dict, out: Path) -> dict:
     found = {split: sorted(segs) for split, segs in index["splits"].items()}
     if set(found.get("test", [])) != set(d["unseen"]) or not set(found.get("train", [])) <= set(d["seen"]):
         raise ValueError(f"the built splits {found} do not follow seen {d['seen']} / unseen {d['unseen']}")
-    return {"splits": found, "records": index.get("count", None)}
+    images = {split: sum(e["count"] for seg in segs.values() for e in seg.values()) for split, segs in index["splits"].items()}
+    return {"splits": found, "records": index["records"], "images_per_split": images}
 
 
 # ----------------------------------------------------------------------------------- pre-training
@@ -157,14 +158,16 @@ def score(task: str, run_dir: Path, split: str) -> dict:
     if task == "detection":
         rep = json.loads(Path(evaluate.evaluate_detection(run_dir, split=split, overlays=0)["json"]).read_text())
         row = rep["table_ap50"][0]
-        doms = {**row["seen"], **row["unseen"]}
-        return {"domains": doms, "reference": None}
+        g = rep["global"]
+        return {"domains": {**row["seen"], **row["unseen"]}, "reference": None, "images": g["n_images"],
+                "lesions": g["n_lesions"]}
     if task == "matching":
         rep = evaluate.evaluate_matching(run_dir, split=split)
-        return {"domains": {"pooled": rep["accuracy"]}, "reference": 0.5, "ap50_change": rep["ap50_change"]}
+        return {"domains": {"pooled": rep["accuracy"]}, "reference": 0.5, "ap50_change": rep["ap50_change"],
+                "pairs": rep["pairs"], "positives": rep["positives"]}
     rep = json.loads(Path(evaluate.evaluate_downstream(run_dir, split=split, n_boot=200)["json"]).read_text())
     return {"domains": {d: v["accuracy"] for d, v in rep["domains"].items()},
-            "reference": rep["global"]["majority_rate"]}
+            "reference": rep["global"]["majority_rate"], "samples": rep["n"]}
 
 
 def mean(values):
@@ -178,7 +181,11 @@ def downstream(spec: dict, out: Path, data: Path, pairs: Path, task: str, method
     run_dir = out / task / f"{method}_f{fraction:g}"
     sets = [f"data_dir={data}", f"run_dir={run_dir}", f"label_fraction={fraction}",
             f"{task}.backbone_from={out / 'pretrain' / method}"]
-    run(task, train_config(spec, task, sets + ([f"density.pairs_dir={pairs}"] if task == "density" else [])))
+    if task == "density":
+        sets.append(f"density.pairs_dir={pairs}")
+    if task == "matching" and train_config(spec, task, []).matching.detection_run:  # candidates: this method's detector
+        sets.append(f"matching.detection_run={out / 'detection' / f'{method}_f1'}")
+    run(task, train_config(spec, task, sets))
     seen, unseen = score(task, run_dir, "val"), score(task, run_dir, "test")
     return {"task": task, "method": method, "fraction": fraction, "seen": seen, "unseen": unseen,
             "seen_avg": mean(seen["domains"].values()), "unseen_avg": mean(unseen["domains"].values())}
