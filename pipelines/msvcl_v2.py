@@ -223,6 +223,7 @@ def figure6(cells: dict, methods, fractions, task: str, path: Path) -> dict:
         ax.plot(fractions, [float("nan") if y is None else 100 * y for y in ys], marker="o", label=m)
     ax.set_xscale("log")
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    ax.minorticks_off()
     ax.set_xlabel("label fraction")
     ax.set_ylabel(f"unseen-domain {TITLES[task]} (%)")
     ax.legend(fontsize=7)
