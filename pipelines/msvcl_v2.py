@@ -49,7 +49,8 @@ def train_config(spec: dict, stage: str, overrides: list[str]):
     from mammodg.config import TrainConfig, load
 
     s = spec["stages"][stage]
-    return load(TrainConfig, s["config"], list(s.get("set", [])) + [f"stage={stage}", f"seed={spec['seed']}"] + overrides)
+    sets = list(s.get("set", [])) + [f"stage={stage}", f"seed={spec['seed']}"]
+    return load(TrainConfig, s["config"], sets + overrides)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -79,7 +80,8 @@ def build_data(spec: dict, out: Path) -> dict:
         if not r.get("manufacturer"):  # as the builder does: the DICOM header's
             import pydicom
 
-            r["manufacturer"] = str(pydicom.dcmread(r["image_path"], stop_before_pixels=True).get("Manufacturer", "")).strip()
+            header = pydicom.dcmread(r["image_path"], stop_before_pixels=True)
+            r["manufacturer"] = str(header.get("Manufacturer", "")).strip()
     rows = [r for r in rows if segment_of(r, cfg.segment_keys) in d["seen"] + d["unseen"]]  # other styles: left out
     if not rows:
         raise ValueError(f"no manifest row of {source} is in the seen or unseen styles {d['seen'] + d['unseen']}")
@@ -94,7 +96,8 @@ def build_data(spec: dict, out: Path) -> dict:
     found = {split: sorted(segs) for split, segs in index["splits"].items()}
     if set(found.get("test", [])) != set(d["unseen"]) or not set(found.get("train", [])) <= set(d["seen"]):
         raise ValueError(f"the built splits {found} do not follow seen {d['seen']} / unseen {d['unseen']}")
-    images = {split: sum(e["count"] for seg in segs.values() for e in seg.values()) for split, segs in index["splits"].items()}
+    images = {split: sum(e["count"] for seg in segs.values() for e in seg.values())
+              for split, segs in index["splits"].items()}
     return {"splits": found, "records": index["records"], "images_per_split": images}
 
 
@@ -109,7 +112,8 @@ def style_cells(spec: dict, out: Path, data: Path) -> Path:
 
     def train_gan():
         styles = json.dumps(spec["data"]["seen"])
-        run("cyclegan", train_config(spec, "cyclegan", [f"data_dir={data}", f"run_dir={gan}", f"cyclegan.styles={styles}"]))
+        sets = [f"data_dir={data}", f"run_dir={gan}", f"cyclegan.styles={styles}"]
+        run("cyclegan", train_config(spec, "cyclegan", sets))
         return {"run": str(gan)}
 
     def make_pairs():
@@ -141,9 +145,10 @@ def pretrain(spec: dict, out: Path, data: Path, pairs: Path, method: str) -> dic
     from mammodg.stages import run
 
     run_dir = out / "pretrain" / method
-    cfg = train_config(spec, "contrastive", [f"data_dir={data}", f"run_dir={run_dir}", f"contrastive.pairs_dir={pairs}",
-                                             f"contrastive.cyclegan_run={out / 'cyclegan'}", "contrastive.cyclegan_config=''",
-                                             f"contrastive.method={'simclr' if method == 'random' else method}"])
+    cfg = train_config(spec, "contrastive", [
+        f"data_dir={data}", f"run_dir={run_dir}", f"contrastive.pairs_dir={pairs}",
+        f"contrastive.cyclegan_run={out / 'cyclegan'}", "contrastive.cyclegan_config=''",
+        f"contrastive.method={'simclr' if method == 'random' else method}"])
     if method == "random":
         return random_encoder(cfg, run_dir)
     run("contrastive", cfg)

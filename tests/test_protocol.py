@@ -113,8 +113,8 @@ def test_matching_trains_only_on_kept_patients(tiny_records, tmp_path):
     from mammodg.stages.matching import matching_data
 
     owners = _owners(tiny_records)
-    cfg = load(TrainConfig, "demo/matching.yaml", [f"data_dir={tiny_records}", f"run_dir={tmp_path}", "label_fraction=0.4",
-                                                   "matching.roi_size=32"])
+    cfg = load(TrainConfig, "demo/matching.yaml", [f"data_dir={tiny_records}", f"run_dir={tmp_path}",
+                                                   "label_fraction=0.4", "matching.roi_size=32"])
     kept = kept_patients(owners.values(), 0.4)
     found = breasts(tiny_records, "train", cfg.matching.lesion_classes)
     expected = [b for b in found if owners[b["CC"]["image_id"]] in kept]
@@ -160,8 +160,9 @@ def test_pipeline_resumes_without_recomputing_a_cell(tmp_path, monkeypatch):
     assert p.main(["--config", str(tmp_path / "spec.yaml")]) == 0
     first = list(calls)
     assert first.count("data") == 1 and sum(isinstance(c, tuple) and c[0] == "pretrain" for c in first) == 2
-    assert sorted(c for c in first if isinstance(c, tuple) and len(c) == 3) == sorted(
-        [(t, m, 1.0) for t in spec["tasks"] for m in spec["methods"]] + [("detection", m, 0.5) for m in spec["methods"]])
+    expected = [(t, m, 1.0) for t in spec["tasks"] for m in spec["methods"]]
+    expected += [("detection", m, 0.5) for m in spec["methods"]]
+    assert sorted(c for c in first if isinstance(c, tuple) and len(c) == 3) == sorted(expected)
     calls.clear()
     assert p.main(["--config", str(tmp_path / "spec.yaml")]) == 0
     assert calls == ["styles"]  # style_cells itself skips its own finished cells (stubbed here)

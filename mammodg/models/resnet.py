@@ -140,7 +140,8 @@ def run_encoder(run_dir) -> dict:
     run = Path(run_dir)
     weights = run / "backbone.weights.h5"
     if not weights.is_file():
-        raise FileNotFoundError(f"backbone_from: {weights} not found (train it with `mammodg train --stage contrastive`)")
+        raise FileNotFoundError(f"backbone_from: {weights} not found "
+                                "(train it with `mammodg train --stage contrastive`)")
     if not (run / "config.yaml").is_file():
         return {"kind": "resnet50", "width": 1.0, "weights": weights}
     c = load(TrainConfig, run / "config.yaml").contrastive

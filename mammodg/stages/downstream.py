@@ -1,7 +1,7 @@
-"""Helpers the downstream stages share (``birads``, ``density``, partly ``detection`` and ``matching``; MSVCL v2 section IV-B): the model on the
-pre-trained backbone (:func:`downstream_model`, :func:`init_backbone`), SGD (:func:`sgd`), the labelled
-record stream with ``label_fraction`` (:func:`labelled_stream`, :func:`count_labels`) and validation
-(:func:`validator`)."""
+"""Helpers the downstream stages share (``birads``, ``density``; ``count_labels`` also ``detection``; MSVCL v2
+section IV-B): the model on the pre-trained backbone (:func:`downstream_model`, :func:`init_backbone`), SGD
+(:func:`sgd`), the labelled record stream with ``label_fraction`` (:func:`labelled_stream`,
+:func:`count_labels`) and validation (:func:`validator`)."""
 from __future__ import annotations
 
 import numpy as np
