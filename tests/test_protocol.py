@@ -128,6 +128,17 @@ def test_matching_trains_only_on_kept_patients(tiny_records, tmp_path):
     assert len(val["images"]) == 2 * len(breasts(tiny_records, "val", cfg.matching.lesion_classes))
 
 
+@pytest.mark.parametrize("stage, message", [("detection", "no images to train on"),
+                                            ("matching", "no CC/MLO candidate pair at label_fraction")])
+def test_fraction_keeping_nobody_is_a_one_line_error(stage, message, tiny_records, tmp_path, capsys):
+    from mammodg.cli import main
+
+    sets = [f"data_dir={tiny_records}", f"run_dir={tmp_path / stage}", "label_fraction=1e-9", "steps=1", "val_every=1"]
+    assert main(["train", "--stage", stage, "--config", f"demo/{stage}.yaml", *sum([["--set", s] for s in sets], [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------ the pipeline
 def _pipeline():
     spec = importlib.util.spec_from_file_location("msvcl_v2", REPO / "pipelines" / "msvcl_v2.py")

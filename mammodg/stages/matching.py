@@ -128,7 +128,8 @@ def matching_task(cfg: TrainConfig) -> Task:
     m = cfg.matching
     data = matching_data(cfg, cfg.train_split)
     if not len(data["y"]):
-        raise ValueError(f"train split {cfg.train_split!r} of {cfg.data_dir} has no CC/MLO candidate pair")
+        kept = f" at label_fraction {cfg.label_fraction}" if cfg.label_fraction < 1 else ""
+        raise ValueError(f"train split {cfg.train_split!r} of {cfg.data_dir} has no CC/MLO candidate pair{kept}")
     print(f"matching: {len(data['y'])} training pairs ({int(data['y'].sum())} matches) from "
           f"{len(data['images']) // 2} breasts", flush=True)
     return Task(
