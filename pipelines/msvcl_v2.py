@@ -93,6 +93,7 @@ def build_data(spec: dict, out: Path) -> dict:
         w.writeheader()
         w.writerows(rows)
     index = build(manifest, out / "records", cfg, progress=False)
+    manifest.unlink()  # patient ids and paths: the builder's provenance.csv keeps what is needed
     found = {split: sorted(segs) for split, segs in index["splits"].items()}
     if set(found.get("test", [])) != set(d["unseen"]) or not set(found.get("train", [])) <= set(d["seen"]):
         raise ValueError(f"the built splits {found} do not follow seen {d['seen']} / unseen {d['unseen']}")
