@@ -169,8 +169,9 @@ def score(task: str, run_dir: Path, split: str) -> dict:
                 "lesions": g["n_lesions"]}
     if task == "matching":
         rep = evaluate.evaluate_matching(run_dir, split=split)
-        return {"domains": {"pooled": rep["accuracy"]}, "reference": 0.5, "ap50_change": rep["ap50_change"],
-                "pairs": rep["pairs"], "positives": rep["positives"]}
+        return {"domains": {k: v["accuracy"] for k, v in rep["domains"].items()}, "reference": 0.5,
+                "ap50_change": rep["ap50_change"], "pairs": rep["pairs"], "positives": rep["positives"],
+                "no_match_rate": {k: 1 - v["positives"] / v["pairs"] for k, v in rep["domains"].items()}}
     rep = json.loads(Path(evaluate.evaluate_downstream(run_dir, split=split, n_boot=200)["json"]).read_text())
     return {"domains": {d: v["accuracy"] for d, v in rep["domains"].items()},
             "reference": rep["global"]["majority_rate"], "samples": rep["n"]}

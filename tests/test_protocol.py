@@ -128,6 +128,22 @@ def test_matching_trains_only_on_kept_patients(tiny_records, tmp_path):
     assert len(val["images"]) == 2 * len(breasts(tiny_records, "val", cfg.matching.lesion_classes))
 
 
+def test_matching_domain_scores_by_hand():
+    """Pairs take their CC image's domain; accuracy at D < margin / 2 per domain, worked out by hand."""
+    from mammodg.stages.matching import domain_scores
+
+    data = {"rois": np.zeros((6, 1)), "images": [{"domain": "A", "rois": np.array([0, 1])},
+                                                 {"domain": "A", "rois": np.array([2])},
+                                                 {"domain": "B", "rois": np.array([3])},
+                                                 {"domain": "B", "rois": np.array([4, 5])}],
+            "a": np.array([0, 1, 0, 3]), "b": np.array([2, 2, 2, 4]), "y": np.array([1, 0, 0, 1])}
+    d = np.array([1.0, 2.0, 9.0, 6.0])  # margin 10: predicted match when d < 5 -> 1, 1, 0, 0
+    out = domain_scores(d, data, 10.0)
+    assert sorted(out) == ["A", "B"]
+    assert out["A"]["accuracy"] == pytest.approx(2 / 3) and out["A"]["pairs"] == 3 and out["A"]["positives"] == 1
+    assert out["B"]["accuracy"] == 0.0 and out["B"]["pairs"] == 1
+
+
 @pytest.mark.parametrize("stage, message", [("detection", "no images to train on"),
                                             ("matching", "no CC/MLO candidate pair at label_fraction")])
 def test_fraction_keeping_nobody_is_a_one_line_error(stage, message, tiny_records, tmp_path, capsys):

@@ -110,6 +110,15 @@ def pair_scores(d: np.ndarray, y: np.ndarray, margin: float) -> dict:
             "positives": int(y.sum())}
 
 
+def domain_scores(d: np.ndarray, data: dict, margin: float) -> dict:
+    """:func:`pair_scores` per domain of a candidate set's pairs (a pair's domain: its CC image's data segment)."""
+    owner = np.empty(len(data["rois"]), object)
+    for im in data["images"]:
+        owner[im["rois"]] = im["domain"]
+    doms = owner[data["a"]].astype(str)
+    return {str(x): pair_scores(d[doms == x], data["y"][doms == x], margin) for x in np.unique(doms)}
+
+
 def _validate(cfg: TrainConfig):
     data = matching_data(cfg, cfg.val_split)
     if not len(data["y"]):
