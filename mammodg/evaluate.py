@@ -321,7 +321,7 @@ def evaluate_matching(run: Path, *, split: str = "val") -> dict:
     from mammodg.io.atomic import atomic_write_json
     from mammodg.metrics.detection import average_precision
     from mammodg.augment.matching_pairs import load_matcher, match_score
-    from mammodg.stages.matching import matching_data, pair_distances, pair_scores
+    from mammodg.stages.matching import domain_scores, matching_data, pair_distances, pair_scores
 
     cfg = load(TrainConfig, run / "config.yaml")
     if cfg.stage != "matching":
@@ -335,7 +335,8 @@ def evaluate_matching(run: Path, *, split: str = "val") -> dict:
     ap = lambda ims: average_precision(ims, iou_thresholds=(0.5,))["ap50"]  # noqa: E731
     before, after = ap(data["images"]), ap(rescore(data["images"], best, cfg.matching.rescore_boost))
     report = {**pair_scores(d, data["y"], cfg.matching.margin), "chance_accuracy": 0.5,
-              "ap50_before": before, "ap50_after": after, "ap50_change": after - before, "images": len(data["images"])}
+              "ap50_before": before, "ap50_after": after, "ap50_change": after - before, "images": len(data["images"]),
+              "domains": domain_scores(d, data, cfg.matching.margin)}
     out = run / f"matching_{split}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", report)

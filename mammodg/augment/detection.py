@@ -130,12 +130,20 @@ def detect(detector, images, d, *, stored_shape, target_mean: float) -> dict:
     return {**det, "boxes": to_stored_pixels(det["boxes"], input_scale(stored_shape, d.input_size))}
 
 
+def build_detector(d, load: bool = True):
+    """FCOS of config section ``d`` on the backbone it asks for (:func:`mammodg.models.resnet.section_features`:
+    a contrastive run's encoder, a ResNet-50 or the tiny one), pre-trained weights loaded when ``load``."""
+    from mammodg.models.fcos import fcos_detector
+    from mammodg.models.resnet import section_features
+
+    k = d.model_kwargs()
+    features = section_features(d, k["input_shape"], levels=k["levels"], load=load)
+    return fcos_detector(features, k["num_classes"], k["levels"], k["width"], k["tower_convs"], k["groups"])
+
+
 def load_detector(weights, d):
     """The detector of config section ``d`` with the weights of a run's ``best.weights.h5`` (saved through
     :func:`packed_model`)."""
-    from mammodg import models
-    from mammodg.models import fcos  # noqa: F401  (registers the detector)
-
-    detector = models.build("fcos", **d.model_kwargs())
+    detector = build_detector(d, load=False)
     packed_model(detector).load_weights(weights)
     return detector

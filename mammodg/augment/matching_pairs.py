@@ -188,18 +188,13 @@ def rescore(images: list[dict], best_match: np.ndarray, boost: float) -> list[di
 # ---------------------------------------------------------------------------------- the siamese matcher
 def build_matcher(cfg):
     """Siamese model ``{roi_cc, geom_cc, roi_mlo, geom_mlo}`` -> (b, 2, embedding_dim); one shared ``embedding``
-    sub-model (backbone from ``matching.backbone_from`` through the FCOS feature loader, or random)."""
+    sub-model (backbone: the encoder of the contrastive run ``matching.backbone_from``, or random)."""
     import keras
 
-    from mammodg import models
-    from mammodg.models import fcos  # noqa: F401  (registers the feature extractors)
+    from mammodg.models.resnet import section_features
 
     m, s = cfg.matching, cfg.matching.roi_size
-    if m.backbone == "tiny":
-        features = models.build("fcos_tiny_features", input_shape=(s, s, 1), width=m.backbone_width)
-    else:
-        weights = str(Path(m.backbone_from) / "backbone.weights.h5") if m.backbone_from else None
-        features = models.build("fcos_resnet50_features", input_shape=(s, s, 1), backbone_weights=weights)
+    features = section_features(m, (s, s, 1))
     roi, geom = keras.Input((s, s, 1), name="roi"), keras.Input((3,), name="geom")
     h = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(features(roi)["c5"]), geom])
     h = keras.layers.Dense(m.hidden_dim, activation="relu")(h)

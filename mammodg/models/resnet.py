@@ -16,6 +16,9 @@ from keras import ops
 from mammodg.models import register
 
 BACKBONE_NAME = "backbone"
+FEATURES_NAME = "backbone_features"  # the feature extractor inside downstream models (detection, matching, ...)
+# C2-C5 (strides 4-32) of the ResNet-18 encoder: the last ReLU of each stage, by layer name
+RESNET18_FEATURES = {lv: f"stage{lv - 1}_out" for lv in range(2, 6)}
 
 
 @register("resnet50_backbone")
@@ -57,7 +60,7 @@ def resnet18_backbone(input_shape=(None, None, 1), width: float = 1.0, name: str
             stride = 2 if stage > 0 and block == 0 else 1
             shortcut = x if stride == 1 and x.shape[-1] == filters else conv_bn(x, filters, 1, stride, relu=False)
             y = conv_bn(conv_bn(x, filters, 3, stride), filters, 3, 1, relu=False)
-            x = layers.ReLU()(layers.Add()([shortcut, y]))
+            x = layers.ReLU(name=RESNET18_FEATURES[stage + 2] if block == 1 else None)(layers.Add()([shortcut, y]))
     return keras.Model(inputs, layers.GlobalAveragePooling2D()(x), name=name)
 
 
@@ -125,3 +128,58 @@ class PerView(keras.layers.Layer):
 
 def backbone_of(model) -> keras.Model:
     return model.get_layer(BACKBONE_NAME)
+
+
+# ------------------------------------------------------------------ contrastive encoders in downstream models
+def run_encoder(run_dir) -> dict:
+    """The encoder a contrastive run trained: ``{"kind", "width", "weights"}`` from its ``config.yaml``
+    (``contrastive.backbone``, ``contrastive.width``) and its ``backbone.weights.h5``. A folder without
+    ``config.yaml`` (weights saved by hand) is taken to hold a ResNet-50."""
+    from mammodg.config import TrainConfig, load
+
+    run = Path(run_dir)
+    weights = run / "backbone.weights.h5"
+    if not weights.is_file():
+        raise FileNotFoundError(f"backbone_from: {weights} not found "
+                                "(train it with `mammodg train --stage contrastive`)")
+    if not (run / "config.yaml").is_file():
+        return {"kind": "resnet50", "width": 1.0, "weights": weights}
+    c = load(TrainConfig, run / "config.yaml").contrastive
+    return {"kind": c.backbone, "width": float(c.width), "weights": weights}
+
+
+def encoder_features(kind: str, input_shape, *, width: float = 1.0, weights=None, levels=(3, 4, 5)) -> keras.Model:
+    """The contrastive encoder ``kind`` (``resnet50``, or ``resnet18`` of ``width``) as a feature extractor
+    ``image -> {"c2"?, "c3", "c4", "c5"}`` named :data:`FEATURES_NAME`, with a contrastive run's
+    ``backbone.weights.h5`` (``weights``) or random."""
+    if kind == "resnet50":
+        from mammodg.models.fcos import resnet50_features
+
+        return resnet50_features(input_shape, levels, backbone_weights=str(weights) if weights else None)
+    if kind != "resnet18":
+        raise ValueError(f"backbone: unknown contrastive encoder {kind!r} (resnet50 or resnet18)")
+    backbone = resnet18_backbone(input_shape, width)
+    if weights:
+        backbone.load_weights(weights)
+    outputs = {f"c{lv}": backbone.get_layer(name).output for lv, name in RESNET18_FEATURES.items()
+               if lv >= min(min(levels), 5)}
+    return keras.Model(backbone.input, outputs, name=FEATURES_NAME)
+
+
+def section_features(s, input_shape, *, levels=(3, 4, 5), load: bool = True) -> keras.Model:
+    """The feature extractor a downstream config section ``s`` asks for: with ``s.backbone_from``, the encoder
+    that contrastive run trained (:func:`run_encoder`: its architecture, and its weights when ``load``);
+    else ``s.backbone`` with random weights (``tiny``: ``s.backbone_width`` channels; ``resnet50``: the
+    section's local ImageNet ``weights`` file, if it has one)."""
+    from mammodg.models import fcos
+
+    if s.backbone == "tiny":
+        if s.backbone_from:
+            raise ValueError("the tiny backbone takes no backbone_from")
+        return fcos.tiny_features(input_shape, levels, getattr(s, "backbone_width", 8))
+    if s.backbone_from:
+        enc = run_encoder(s.backbone_from)
+        return encoder_features(enc["kind"], input_shape, width=enc["width"], levels=levels,
+                                weights=enc["weights"] if load else None)
+    imagenet = getattr(s, "weights", "") or None
+    return fcos.resnet50_features(input_shape, levels, imagenet_weights=imagenet if load else None)

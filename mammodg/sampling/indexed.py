@@ -7,17 +7,19 @@ import numpy as np
 
 
 def indexed_batches(data_dir, decode, *, split: str, strategy: str, seed: int, batch_size: int,
-                    start_step: int = 0, shuffle_budget: int = 512):
-    """Infinite training batches: records chosen by ``strategy`` (:mod:`mammodg.sampling.streams`), numbered
+                    start_step: int = 0, shuffle_budget: int = 512, label_fraction: float = 1.0):
+    """Infinite training batches: records chosen by ``strategy`` (:mod:`mammodg.sampling.streams`) among the
+    patients ``label_fraction`` keeps (:func:`mammodg.sampling.label_fraction.filter_records`), numbered
     from ``start_step * batch_size``, mapped by ``decode(index, record)``."""
     import tensorflow as tf
 
     from mammodg.records.reader import load_index
+    from mammodg.sampling.label_fraction import filter_records
     from mammodg.sampling.streams import make_plan, serialized_stream
 
     sampler = make_plan(load_index(data_dir), data_dir, split, strategy, seed)
     start = start_step * batch_size
-    ds = serialized_stream(sampler, seed=seed, start=start, shuffle_budget=shuffle_budget)
+    ds = filter_records(serialized_stream(sampler, seed=seed, start=start, shuffle_budget=shuffle_budget), label_fraction)
     ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, np.iinfo(np.int64).max), ds)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

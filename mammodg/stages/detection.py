@@ -20,11 +20,12 @@ def backbone_file(cfg: TrainConfig) -> Path | None:
     """The contrastive run's ``backbone.weights.h5`` (``detection.backbone_from``), or None."""
     if not cfg.detection.backbone_from:
         return None
-    path = Path(cfg.detection.backbone_from) / "backbone.weights.h5"
-    if not path.is_file():
-        raise FileNotFoundError(f"detection.backbone_from: {path} not found; train it with "
-                                "`mammodg train --stage contrastive`")
-    return path
+    from mammodg.models.resnet import run_encoder
+
+    try:
+        return run_encoder(cfg.detection.backbone_from)["weights"]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"detection.{e}") from None
 
 
 def check(cfg: TrainConfig) -> None:
@@ -47,14 +48,10 @@ def check(cfg: TrainConfig) -> None:
 
 
 def build_detector(cfg: TrainConfig):
-    """A fresh FCOS detector, its backbone from ``backbone_from`` / ``weights`` (or random)."""
-    from mammodg import models
-    from mammodg.models import fcos  # noqa: F401  (registers the detector)
+    """A fresh FCOS detector, its backbone from ``backbone_from`` (that run's encoder) / ``weights`` (or random)."""
+    from mammodg.augment.detection import build_detector as build
 
-    d = cfg.detection
-    weights = {"backbone_weights": str(backbone_file(cfg)), "imagenet_weights": None} if d.backbone_from else \
-        {"backbone_weights": None, "imagenet_weights": d.weights or None}
-    return models.build("fcos", **d.model_kwargs(), **(weights if d.backbone == "resnet50" else {}))
+    return build(cfg.detection)
 
 
 def stored_shape(data_dir) -> tuple[int, int]:
@@ -115,21 +112,40 @@ def _validate(cfg: TrainConfig):
     return validate
 
 
+def _image_patients(raw):
+    """raw image record -> (patient, [0]): one training image, for :func:`~mammodg.stages.downstream.count_labels`."""
+    from mammodg.records.schema import parse
+
+    return parse(raw, decode_image=False)["patient"], [0]
+
+
+def training_batches(cfg: TrainConfig, decode, start: int = 0):
+    """Training batches of the images of the patients ``label_fraction`` keeps, mapped by ``decode``."""
+    from mammodg.sampling.indexed import indexed_batches
+
+    return indexed_batches(cfg.data_dir, decode, split=cfg.train_split, strategy=cfg.strategy, seed=cfg.seed,
+                           batch_size=cfg.batch_size, start_step=start, shuffle_budget=cfg.shuffle_budget,
+                           label_fraction=cfg.label_fraction)
+
+
 def detection_task(cfg: TrainConfig) -> Task:
     import keras
 
     from mammodg.augment.detection import PackedFCOSLoss, detection_decoder, packed_model
-    from mammodg.sampling.indexed import indexed_batches
+    from mammodg.records.reader import all_shards, load_index
+    from mammodg.stages.downstream import count_labels
 
     d = cfg.detection
+    files = sorted(all_shards(load_index(cfg.data_dir), cfg.data_dir, cfg.train_split))
+    kept = count_labels(_image_patients, files, cfg.label_fraction, 1, "images")
+    print(f"detection: {kept['samples_per_class'][0]} training images of {kept['kept_patients']}/{kept['patients']} "
+          f"patients (label_fraction {cfg.label_fraction})", flush=True)
     decode = detection_decoder(d, stored_shape=stored_shape(cfg.data_dir), target_mean=cfg.target_mean,
                                seed=cfg.seed, training=True)
     return Task(
         build_model=lambda: packed_model(build_detector(cfg)),
         loss=PackedFCOSLoss(d.input_size, len(d.class_names()), tuple(d.levels)),
-        batches=lambda start: indexed_batches(cfg.data_dir, decode, split=cfg.train_split, strategy=cfg.strategy,
-                                              seed=cfg.seed, batch_size=cfg.batch_size, start_step=start,
-                                              shuffle_budget=cfg.shuffle_budget),
+        batches=lambda start: training_batches(cfg, decode, start),
         validate=_validate(cfg), learning_rate=cfg.learning_rate,
         optimizer=lambda **kw: keras.optimizers.SGD(cfg.learning_rate, momentum=d.momentum,
                                                     weight_decay=d.weight_decay, **kw))

@@ -1,10 +1,8 @@
-"""Helpers the downstream stages share (``birads``, ``density``; MSVCL v2 section IV-B): the model on the
-pre-trained backbone (:func:`downstream_model`, :func:`init_backbone`), SGD (:func:`sgd`), the labelled
-record stream with ``label_fraction`` (:func:`labelled_stream`, :func:`count_labels`) and validation
-(:func:`validator`)."""
+"""Helpers the downstream stages share (``birads``, ``density``; ``count_labels`` also ``detection``; MSVCL v2
+section IV-B): the model on the pre-trained backbone (:func:`downstream_model`, :func:`init_backbone`), SGD
+(:func:`sgd`), the labelled record stream with ``label_fraction`` (:func:`labelled_stream`,
+:func:`count_labels`) and validation (:func:`validator`)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
@@ -12,14 +10,13 @@ from mammodg.config import TrainConfig
 
 
 def downstream_model(c, input_shape, classes: int, name: str):
-    """image -> backbone (ResNet-50 C5, or the tiny test backbone) -> global average pool -> class logits."""
+    """image -> backbone (the contrastive run ``c.backbone_from``'s encoder, a ResNet-50, or the tiny test
+    backbone; :func:`mammodg.models.resnet.section_features`) -> C5 global average pool -> class logits."""
     import keras
 
-    from mammodg import models
-    from mammodg.models import fcos  # noqa: F401  (registers the feature backbones)
+    from mammodg.models.resnet import section_features
 
-    features = models.build("fcos_tiny_features" if c.backbone == "tiny" else "fcos_resnet50_features",
-                            input_shape=tuple(input_shape))
+    features = section_features(c, tuple(input_shape), load=False)  # weights: init_backbone, fresh runs only
     image = keras.Input(tuple(input_shape), name="image")
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features(image)["c5"])
     return keras.Model(image, keras.layers.Dense(classes, name="logits")(pooled), name=name)
@@ -27,20 +24,14 @@ def downstream_model(c, input_shape, classes: int, name: str):
 
 def init_backbone(c, input_shape):
     """``after_build``: load the contrastive run ``backbone_from``'s ``backbone.weights.h5`` into the model's
-    backbone (through :func:`mammodg.models.fcos.resnet50_features`, as detection does); random without it."""
+    backbone, built as that run's encoder (ResNet-50 or ResNet-18 of its width); random without it."""
     def init(model):
         if not c.backbone_from:
             return
-        if c.backbone != "resnet50":
-            raise ValueError(f"backbone_from needs backbone: resnet50, got {c.backbone!r}")
-        from mammodg.models.fcos import resnet50_features
+        from mammodg.models.resnet import FEATURES_NAME, section_features
 
-        path = Path(c.backbone_from) / "backbone.weights.h5"
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone_from: {path} not found (train it with `mammodg train --stage contrastive`)")
-        loaded = resnet50_features(tuple(input_shape), backbone_weights=str(path))
-        model.get_layer("backbone_features").set_weights(loaded.get_weights())
-        print(f"backbone initialised from {path}", flush=True)
+        model.get_layer(FEATURES_NAME).set_weights(section_features(c, tuple(input_shape)).get_weights())
+        print(f"backbone initialised from {c.backbone_from}/backbone.weights.h5", flush=True)
 
     return init
 

@@ -41,9 +41,13 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("matching: roi_size must be >= 32, margin > 0, iou_threshold in (0, 1], enlarge >= 0")
     if m.backbone == "tiny" and m.backbone_from:
         raise ConfigError("matching: the tiny backbone takes no backbone_from")
-    if m.backbone_from and not (Path(m.backbone_from) / "backbone.weights.h5").is_file():
-        raise FileNotFoundError(f"matching.backbone_from: {Path(m.backbone_from) / 'backbone.weights.h5'} not found; "
-                                "train it with `mammodg train --stage contrastive`")
+    if m.backbone_from:
+        from mammodg.models.resnet import run_encoder
+
+        try:
+            run_encoder(m.backbone_from)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"matching.{e}") from None
 
 
 def matching_data(cfg: TrainConfig, split: str, run_dir=None) -> dict:
@@ -55,6 +59,8 @@ def matching_data(cfg: TrainConfig, split: str, run_dir=None) -> dict:
 
     m = cfg.matching
     found = mp.breasts(cfg.data_dir, split, m.lesion_classes)
+    if split == cfg.train_split and cfg.label_fraction < 1.0:
+        found = kept_breasts(found, cfg.data_dir, split, cfg.label_fraction)
     views = [b[v] for b in found for v in mp.VIEWS]
     if m.detection_run:
         cache = Path(run_dir or cfg.resolved_run_dir()) / f"detections_{split}.json"
@@ -63,6 +69,26 @@ def matching_data(cfg: TrainConfig, split: str, run_dir=None) -> dict:
         rng = np.random.default_rng([cfg.seed, zlib.crc32(split.encode())])
         cands = [mp.standin_candidates(v["image"], v["gt_boxes"], rng, m.standin_false_positives) for v in views]
     return mp.candidate_set(found, cands, m)
+
+
+def kept_breasts(found: list[dict], data_dir, split: str, fraction: float) -> list[dict]:
+    """The breasts of ``found`` whose patient ``label_fraction`` keeps (the records' ``patient`` field, matched
+    through the CC image's ``image_id``)."""
+    import tensorflow as tf
+
+    from mammodg.records.reader import all_shards, load_index
+    from mammodg.records.schema import parse
+    from mammodg.sampling.label_fraction import kept_patients
+
+    owner = {}
+    for raw in tf.data.TFRecordDataset(sorted(all_shards(load_index(data_dir), data_dir, split))):
+        r = parse(raw, decode_image=False)
+        owner[r["image_id"].numpy().decode()] = r["patient"].numpy().decode()
+    kept = kept_patients(owner.values(), fraction)
+    out = [b for b in found if owner[b["CC"]["image_id"]] in kept]
+    print(f"matching: label_fraction {fraction} keeps {len(out)}/{len(found)} breasts of "
+          f"{len(kept)}/{len(set(owner.values()))} patients", flush=True)
+    return out
 
 
 def pair_distances(model, cfg: TrainConfig, data: dict, batch: int = 64) -> np.ndarray:
@@ -84,6 +110,15 @@ def pair_scores(d: np.ndarray, y: np.ndarray, margin: float) -> dict:
             "positives": int(y.sum())}
 
 
+def domain_scores(d: np.ndarray, data: dict, margin: float) -> dict:
+    """:func:`pair_scores` per domain of a candidate set's pairs (a pair's domain: its CC image's data segment)."""
+    owner = np.empty(len(data["rois"]), object)
+    for im in data["images"]:
+        owner[im["rois"]] = im["domain"]
+    doms = owner[data["a"]].astype(str)
+    return {str(x): pair_scores(d[doms == x], data["y"][doms == x], margin) for x in np.unique(doms)}
+
+
 def _validate(cfg: TrainConfig):
     data = matching_data(cfg, cfg.val_split)
     if not len(data["y"]):
@@ -102,7 +137,8 @@ def matching_task(cfg: TrainConfig) -> Task:
     m = cfg.matching
     data = matching_data(cfg, cfg.train_split)
     if not len(data["y"]):
-        raise ValueError(f"train split {cfg.train_split!r} of {cfg.data_dir} has no CC/MLO candidate pair")
+        kept = f" at label_fraction {cfg.label_fraction}" if cfg.label_fraction < 1 else ""
+        raise ValueError(f"train split {cfg.train_split!r} of {cfg.data_dir} has no CC/MLO candidate pair{kept}")
     print(f"matching: {len(data['y'])} training pairs ({int(data['y'].sum())} matches) from "
           f"{len(data['images']) // 2} breasts", flush=True)
     return Task(
