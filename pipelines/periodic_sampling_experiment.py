@@ -22,26 +22,34 @@ What it does, with the package only (nothing is re-implemented here):
    S1 and S2 are split patient-wise into train / val by the builder (``--val-fraction``, stratified by
    malignant patients within each source).
 2. **Records**: ``mammodg.records.writer.build`` (segments = source x manufacturer, small images).
-3. **Training**: ``mammodg.stages.run``: the patch stage once (A.3), then the classifier stage
-   from that backbone once per strategy (periodic, balanced_labels, balanced_segments, natural), same
-   seed, same steps, same everything else. The checkpoint kept is the one with the best *global* val WLL
-   (paper 3.1.2). Demo scale: 256x192 images and a 5-block backbone (``--filters``; minimum input 96 px)
-   pre-trained on 96 px patches. With the paper's 6 blocks the patches must be >= 192 px, i.e. about the
-   whole 256x192 image, and the patch stage barely learns (measured on these data: patch val accuracy
-   0.37 after 600 steps vs 0.79 with 96 px patches after 1200; classifier in-segment val AUC ~0.6 vs ~0.85).
-4. **Evaluation**: ``stages.classifier.image_scores`` on the val split (each training segment and pooled) and on the
-   held-out ``test`` split; ``mammodg.metrics.classification``: AUC with 95 % bootstrap CIs (2000 Efron
-   resamples) and paired ``bootstrap_delta_auc`` of periodic vs each other strategy.
+3. **Training**: ``mammodg.stages.run``: the patch stage once (A.3, seed ``--data-seed``, shared by every
+   training seed), then, for each training seed of ``--seeds``, the classifier stage from that backbone once per
+   strategy (periodic, balanced_labels, balanced_segments, natural) and once as the paper's baseline (1): a
+   classifier trained and validated on one data segment only (``--baseline-segment``, default S1, the large
+   one) with balanced labels (a single-segment view of the records, ``experiment_tools.segment_view``). Same
+   steps and everything else; the seed changes the sampling order, augmentation draws and head initialisation.
+   The data (phantoms, records, splits) are one draw (``--data-seed``). The checkpoint kept is the one with the
+   best *global* val WLL (paper 3.1.2). Demo scale: 256x192 images and a 5-block backbone (``--filters``;
+   minimum input 96 px) pre-trained on 96 px patches. With the paper's 6 blocks the patches must be >= 192 px,
+   i.e. about the whole 256x192 image, and the patch stage barely learns (measured on these data: patch val
+   accuracy 0.37 after 600 steps vs 0.79 with 96 px patches after 1200; classifier in-segment val AUC ~0.6 vs
+   ~0.85).
+4. **Evaluation**, per seed: ``stages.classifier.image_scores`` on the val split (each training segment and
+   pooled) and on the held-out ``test`` split; ``mammodg.metrics.classification``: AUC with 95 % bootstrap CIs
+   (``--n-boot`` Efron resamples) and paired ``bootstrap_delta_auc`` of each model against Bal. labels and
+   against the baseline (the paper's Tables 2/3: ΔAUC = AUC(model) - AUC(reference)). Over seeds: mean, std
+   (ddof 1) and min-max of every AUC and ΔAUC, and how many seeds give a significant ΔAUC of each sign.
 
 Outputs in ``--out`` (default ``runs/periodic_sampling_experiment``): ``phantoms/`` + ``manifest.csv``,
-``tfrecords/``, ``runs/<patch|strategy>/`` (trainer run folders), ``scores/<strategy>_<split>.csv``,
-``results.json`` and ``results.md`` (also printed).
+``tfrecords/`` (+ ``tfrecords_<segment>/``, the baseline's view), ``runs/patch`` and
+``runs/seed<k>/<model>/`` (trainer run folders), ``scores/seed<k>/<model>_<split>.csv``, ``results.json`` and
+``results.md`` (also printed; rewritten after each seed, so a stopped run still reports its finished seeds).
 
-    .venv/bin/python pipelines/periodic_sampling_experiment.py            # defaults: ~10-15 min on 2 CPU cores
+    .venv/bin/python pipelines/periodic_sampling_experiment.py --seeds 0 1 2
     .venv/bin/python pipelines/periodic_sampling_experiment.py --steps 3000 --width 0.25 --fresh
 
 Every step is resumable (the builder and the trainer resume); re-running with other arguments on the same
-``--out`` is refused unless ``--fresh`` (which deletes ``--out`` first).
+``--out`` is refused unless ``--fresh`` (which deletes ``--out`` first); other ``--seeds`` are allowed.
 """
 from __future__ import annotations
 
@@ -96,7 +104,9 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=3e-4, help="classifier learning rate")
     g.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
     g.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for CIs and delta AUC")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (run one after another)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the phantoms, the split and the patch stage")
+    g.add_argument("--baseline-segment", default="S1", help="source of the single-segment baseline's segment")
     g.add_argument("--workers", type=int, default=0, help="builder processes (0 = all cores)")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     args = p.parse_args(argv)
@@ -129,7 +139,7 @@ def make_segments(args, out: Path) -> tuple[Path, dict]:
         folder = out / "phantoms" / seg
         manifest = folder / "manifest.csv"
         if not manifest.is_file():  # make_phantoms writes the manifest last
-            make_phantoms(folder, patients=n_patients, styles=[style], seed=args.seed * 1000 + 11 * (k + 1),
+            make_phantoms(folder, patients=n_patients, styles=[style], seed=args.data_seed * 1000 + 11 * (k + 1),
                           scale=args.scale, source=seg, progress=False)
         with open(manifest, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -138,7 +148,7 @@ def make_segments(args, out: Path) -> tuple[Path, dict]:
             by_patient.setdefault(r["patient_id"], []).append(r)
         malignant = sorted(p for p, rs in by_patient.items() if any(r["label"] == "1" for r in rs))
         benign = sorted(p for p, rs in by_patient.items() if p not in set(malignant))
-        rng = np.random.default_rng([args.seed, 7, k])
+        rng = np.random.default_rng([args.data_seed, 7, k])
         if seg == "S1":
             n_keep = int(round(args.s1_benign_keep * len(benign)))
             benign = sorted(rng.choice(benign, size=n_keep, replace=False).tolist()) if n_keep < len(benign) else benign
@@ -174,7 +184,7 @@ def build_records(args, manifest: Path, out: Path) -> dict:
     from mammodg.records.writer import build, format_summary
 
     cfg = BuildConfig(preprocess=PreprocessConfig(height=args.height, width=args.width_px),
-                      val_fraction=args.val_fraction, seed=args.seed, pseudonym_salt=SALT, workers=args.workers)
+                      val_fraction=args.val_fraction, seed=args.data_seed, pseudonym_salt=SALT, workers=args.workers)
     index = build(manifest, out, cfg, progress=False)
     print(format_summary(index), flush=True)
     if index["rejected"]:
@@ -183,10 +193,10 @@ def build_records(args, manifest: Path, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ training
-def train_config(args, data_dir: Path, run_dir: Path, init_from: str = "", **kw):
+def train_config(args, data_dir: Path, run_dir: Path, seed: int, init_from: str = "", **kw):
     from mammodg.config import TrainConfig
 
-    base = dict(data_dir=str(data_dir), run_dir=str(run_dir), batch_size=args.batch_size, seed=args.seed,
+    base = dict(data_dir=str(data_dir), run_dir=str(run_dir), batch_size=args.batch_size, seed=seed,
                 export=False, val_max_batches=0, target_mean=0.25)
     base.update(kw)
     cfg = TrainConfig(**base)
@@ -229,177 +239,9 @@ def write_scores(path: Path, p, y, segs) -> None:
             w.writerow([s, int(lab), f"{sc:.6g}"])
 
 
-# ------------------------------------------------------------------------------------------ reporting
-def _md(name: str) -> str:
-    """A segment name made safe for a Markdown table cell ("S1|VendorA" -> "S1/VendorA")."""
-    return str(name).replace("|", "/")
-
-
-def _fmt_auc(g: dict | None) -> str:
-    if not g or g.get("auc") is None:
-        return "n/a"
-    lo, hi = g["auc_ci"]
-    return f"{g['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def _fmt_delta(d: dict | None) -> str:
-    if not d or d.get("delta") is None or not np.isfinite(d["delta"]):
-        return "n/a"
-    return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p={d['p_value']:.3f}"
-
-
-def _columns(results: dict) -> list[tuple[str, str, str]]:
-    """(column key, split, segment or '*' for pooled), in table order."""
-    any_s = next(iter(results["strategies"].values()))
-    cols = [(f"val:{s}", "val", s) for s in sorted(any_s["val"]["segments"])]
-    cols.append(("val:pooled", "val", "*"))
-    cols += [(f"test:{s}", "test", s) for s in sorted(any_s["test"]["segments"])]
-    return cols
-
-
-def _group(rep: dict, split: str, seg: str) -> dict:
-    r = rep[split]
-    return r["global"] if seg == "*" else r["segments"].get(seg)
-
-
-def _header(results: dict, key: str, split: str, seg: str) -> str:
-    g = _group(next(iter(results["strategies"].values())), split, seg)
-    name = "val, pooled S1+S2" if seg == "*" else f"{_md(seg)} ({'held-out test' if split == 'test' else 'val'})"
-    return f"{name}<br>n={g['n_pos']}+/{g['n_neg']}-"
-
-
-def narrative(results: dict) -> list[str]:
-    """A short, honest reading generated from the numbers."""
-    strat = results["strategies"]
-    cols = _columns(results)
-    lines = []
-    # 1. above chance?
-    below = [(s, k) for s in strat for k, sp, sg in cols
-             if (g := _group(strat[s], sp, sg)) and g.get("auc_ci") and g["auc_ci"][0] <= 0.5]
-    n_cells = len(strat) * len(cols)
-    if not below:
-        lines.append(f"All {n_cells} AUCs are above chance (every 95 % CI lies above 0.5): the phantoms' lesions are "
-                     "learnable at this scale.")
-    else:
-        lines.append(f"{n_cells - len(below)} of {n_cells} AUCs have a 95 % CI above 0.5; the CI reaches or lies "
-                     "below 0.5 for: " + ", ".join(f"{STRATEGY_NAMES[s]} on {_md(k)}" for s, k in below) + ".")
-    # 2. per column: best strategy, do the CIs / paired deltas separate it?
-    deltas = results.get("delta_vs_periodic", {})
-    for key, sp, sg in cols:
-        aucs = {s: _group(strat[s], sp, sg) for s in strat}
-        aucs = {s: g for s, g in aucs.items() if g and g.get("auc") is not None}
-        if len(aucs) < 2:
-            continue
-        best = max(aucs, key=lambda s: aucs[s]["auc"])
-        worst = min(aucs, key=lambda s: aucs[s]["auc"])
-        spread = aucs[best]["auc"] - aucs[worst]["auc"]
-        overlap = all(aucs[s]["auc_ci"][1] >= aucs[best]["auc_ci"][0] for s in aucs if s != best)
-        sig = []
-        for other, per_col in deltas.items():
-            d = per_col.get(key)
-            if d and d.get("p_value") is not None and np.isfinite(d["delta"]) and d["p_value"] < 0.05:
-                sig.append(f"periodic {'better' if d['delta'] > 0 else 'worse'} than {STRATEGY_NAMES[other]} "
-                           f"(ΔAUC {d['delta']:+.3f}, p={d['p_value']:.3f})")
-        txt = (f"**{_md(key)}**: best {STRATEGY_NAMES[best]} ({aucs[best]['auc']:.3f}), worst {STRATEGY_NAMES[worst]} "
-               f"({aucs[worst]['auc']:.3f}), spread {spread:.3f}; ")
-        txt += ("the best strategy's CI overlaps every other CI" if overlap else
-                "the best strategy's CI does not overlap every other CI")
-        txt += " (CI overlap is a conservative check; the paired ΔAUC is the proper test)"
-        txt += ("; paired bootstrap: " + "; ".join(sig) + "." if sig else
-                "; no paired ΔAUC of periodic vs another strategy is significant (p >= 0.05).")
-        lines.append(txt)
-    # 3. the paper's warning sign: pooled val AUC above both per-segment val AUCs (learning the segment)
-    val_segs = [s for _, sp, s in cols if sp == "val" and s != "*"]
-    for s in strat:
-        pooled = _group(strat[s], "val", "*")
-        per = [_group(strat[s], "val", v) for v in val_segs]
-        per = [g["auc"] for g in per if g and g.get("auc") is not None]
-        if not (pooled and pooled.get("auc") is not None and per):
-            continue
-        ms = strat[s].get("val_mean_score", {})
-        neg = {sg: v["0"] for sg, v in ms.items() if "0" in v}
-        offset = ""
-        if len(neg) >= 2:
-            hi, lo = max(neg, key=neg.get), min(neg, key=neg.get)
-            offset = (f" (mean score of benign val images: {_md(hi)} {neg[hi]:.2f} vs {_md(lo)} {neg[lo]:.2f})")
-        if min(per) <= pooled["auc"] <= max(per):
-            lines.append(f"{STRATEGY_NAMES[s]}: pooled val AUC {pooled['auc']:.3f} lies between its per-segment val "
-                         f"AUCs ({min(per):.3f}-{max(per):.3f}){offset}: global and local metrics agree, as the paper "
-                         "describes for P. sampling.")
-        elif pooled["auc"] > max(per) + 0.02:
-            lines.append(f"{STRATEGY_NAMES[s]}: pooled val AUC {pooled['auc']:.3f} exceeds every per-segment val AUC "
-                         f"(max {max(per):.3f}): part of the pooled separation comes from a score offset between "
-                         f"segments with different malignant rates{offset}, not from the lesion -- the paper's "
-                         "warning sign (Fig. 3/4: a 'suspiciously high global AUC').")
-    # 4. verdict on the paper's claim (periodic best on the held-out segment)
-    test_keys = [k for k, sp, _ in cols if sp == "test"]
-    verdict = []
-    for key in test_keys:
-        wins = [o for o, pc in deltas.items() if pc.get(key) and pc[key]["p_value"] < 0.05 and pc[key]["delta"] > 0]
-        losses = [o for o, pc in deltas.items() if pc.get(key) and pc[key]["p_value"] < 0.05 and pc[key]["delta"] < 0]
-        if deltas and len(wins) == len(deltas):
-            verdict.append(f"On the held-out segment ({_md(key)}) periodic sampling is significantly better than every "
-                           "other strategy, consistent with the paper's Table 2.")
-        elif losses:
-            verdict.append(f"On the held-out segment ({_md(key)}) periodic sampling is significantly worse than "
-                           + ", ".join(STRATEGY_NAMES[o] for o in losses) + ": this run does not support the paper's claim.")
-        else:
-            verdict.append(f"On the held-out segment ({_md(key)}) the differences between periodic sampling and the other "
-                           "strategies are not significant" + (f" except vs {', '.join(STRATEGY_NAMES[o] for o in wins)}"
-                                                              if wins else "") +
-                           ": at this demo scale the experiment neither confirms nor refutes the paper's small "
-                           "(+0.7 AUC point, itself not significant in Table 2) gain.")
-    lines += verdict
-    lines.append("Caveats: one seed and one data draw per strategy (seed-to-seed variation is not in the CIs, which "
-                 "only resample the evaluated images); synthetic phantoms whose vendor styles differ more cleanly "
-                 "than real devices; tiny models and few steps on CPU; the kept checkpoint is chosen on the pooled "
-                 "val WLL, so the val columns are slightly optimistic; S2's val set has very few positives by "
-                 "design, so its CIs are wide; every strategy gets the same number of steps, and the per-step val curves "
-                 "(runs/<strategy>/history.json) show whether one was still improving when training stopped.")
-    return lines
-
-
-def markdown(results: dict) -> str:
-    cols = _columns(results)
-    strat = results["strategies"]
-    out = ["# Periodic sampling, in silico (phantoms)", ""]
-    seg = results["segments"]
-    out += ["## Segments (Table 1 shape)", "",
-            "| segment | style | role | patients | benign img | malignant img | p_mal |", "|---|---|---|---|---|---|---|"]
-    for s, d in seg.items():
-        out.append(f"| {s} | {d['style']} | {d['role']} | {d['patients_kept']} | {d['benign_images']} | "
-                   f"{d['malignant_images']} | {d['p_mal']:.3f} |")
-    out += ["", "Training split (images), from dataset.json: " + "; ".join(
-        f"{_md(k)}: {v['0']}-/{v['1']}+" for k, v in results["train_counts"].items()), ""]
-    out += ["## Share of each segment/label in the training batches", "",
-            "| strategy | " + " | ".join(_md(k) for k in results["sampling_shares"][next(iter(strat))]) + " |",
-            "|---|" + "---|" * len(results["sampling_shares"][next(iter(strat))])]
-    for s in strat:
-        sh = results["sampling_shares"][s]
-        out.append(f"| {STRATEGY_NAMES[s]} | " + " | ".join(f"{v:.3f}" for v in sh.values()) + " |")
-    out += ["", "## AUC [95 % bootstrap CI] per segment", "",
-            "| strategy | " + " | ".join(_header(results, *c) for c in cols) + " | best step |",
-            "|---|" + "---|" * (len(cols) + 1)]
-    for s in strat:
-        out.append(f"| {STRATEGY_NAMES[s]} | " + " | ".join(_fmt_auc(_group(strat[s], sp, sg)) for _, sp, sg in cols)
-                   + f" | {strat[s]['best_step']} |")
-    if results.get("delta_vs_periodic"):
-        out += ["", "## ΔAUC = AUC(periodic) - AUC(other) [95 % CI], paired bootstrap p-value", "",
-                "| vs | " + " | ".join(_md(k) for k, _, _ in cols) + " |", "|---|" + "---|" * len(cols)]
-        for o, pc in results["delta_vs_periodic"].items():
-            out.append(f"| {STRATEGY_NAMES[o]} | " + " | ".join(_fmt_delta(pc.get(k)) for k, _, _ in cols) + " |")
-    out += ["", "## Reading", ""] + [f"- {line}" for line in results["narrative"]]
-    a = results["args"]
-    out += ["", f"Scale: {a['height']}x{a['width_px']} images, backbone filters {a['filters']} x width {a['width']}, "
-            f"batch {a['batch_size']}, patch stage {a['patch_steps']} steps on {a['patch_size']} px crops, classifier {a['steps']} steps/strategy (lr {a['lr']}), seed {a['seed']}, "
-            f"{a['n_boot']} bootstraps. Wall time: {results['timing']['total_s']:.0f} s "
-            f"({', '.join(f'{k} {v:.0f} s' for k, v in results['timing'].items() if k != 'total_s')}).", ""]
-    return "\n".join(out)
-
-
 # ----------------------------------------------------------------------------------------------- main
 def _check_params(out: Path, args) -> None:
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "n_boot", "workers", "strategies")}
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "n_boot", "workers", "strategies", "seeds")}
     path = out / "experiment_args.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -416,16 +258,16 @@ def main(argv=None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     _check_params(out, args)
+    from experiment_tools import segment_view
+    from periodic_report import aggregate, evaluate, markdown, narrative, paired_deltas, to_json
+
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
-
-    def lap(name, t0):
-        timing[name] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     _log("rendering phantom segments")
     manifest, seg_summary = make_segments(args, out)
-    lap("phantoms", t0)
+    timing["phantoms"] = time.perf_counter() - t0
     for s, d in seg_summary.items():
         _log(f"  {s} ({d['style']}, {d['role']}): {d['patients_kept']} patients, {d['benign_images']}-/"
              f"{d['malignant_images']}+ images, p_mal {d['p_mal']:.3f}")
@@ -434,98 +276,69 @@ def main(argv=None) -> int:
     _log("building TFRecords")
     data_dir = out / "tfrecords"
     index = build_records(args, manifest, data_dir)
-    lap("build", t0)
+    base_segs = sorted(s for s in index["splits"]["train"] if s.split("|")[0] == args.baseline_segment)
+    if not base_segs:
+        raise SystemExit(f"--baseline-segment {args.baseline_segment}: no such source in the train split")
+    base_dir = out / f"tfrecords_{args.baseline_segment}"
+    segment_view(data_dir, base_dir, base_segs)
+    timing["build"] = time.perf_counter() - t0
 
     import keras  # noqa: F401  (after the builder's worker pool)
 
-    from mammodg.metrics.classification import bootstrap_delta_auc, classification_report
     from mammodg import stages
 
     t0 = time.perf_counter()
     patch_dir = out / "runs" / "patch"
-    _log(f"patch pre-training ({args.patch_steps} steps)")
-    pcfg = train_config(args, data_dir, patch_dir, stage="patch", steps=args.patch_steps,
-                        val_every=min(args.val_every, args.patch_steps), learning_rate=args.patch_lr)
-    stages.run("patch", pcfg)
-    lap("patch", t0)
+    _log(f"patch pre-training ({args.patch_steps} steps, seed {args.data_seed}, shared by every seed)")
+    stages.run("patch", train_config(args, data_dir, patch_dir, args.data_seed, stage="patch", steps=args.patch_steps,
+                                     val_every=min(args.val_every, args.patch_steps), learning_rate=args.patch_lr))
+    timing["patch"] = time.perf_counter() - t0
 
-    strat_results, raw = {}, {}
-    for strategy in args.strategies:
-        t0 = time.perf_counter()
-        _log(f"classifier, strategy {strategy} ({args.steps} steps)")
-        run_dir = out / "runs" / strategy
-        cfg = train_config(args, data_dir, run_dir, stage="classifier", strategy=strategy, steps=args.steps,
-                           val_every=args.val_every, learning_rate=args.lr, init_from=str(patch_dir))
-        model = stages.run("classifier", cfg)
-        state = json.loads((run_dir / "state.json").read_text())
-        res = {"best_step": state.get("best_step"), "best_val_wll": state.get("best")}
-        for split in ("val", "test"):
-            p, y, segs = scores_of(model, cfg, split)
-            write_scores(out / "scores" / f"{strategy}_{split}.csv", p, y, segs)
-            raw[(strategy, split)] = (p, y, segs)
-            rep = classification_report(y, p, segs, n_boot=args.n_boot, seed=args.seed, max_roc_points=50)
-            res[split] = rep
-            res[f"{split}_mean_score"] = {str(sg): {str(lab): float(p[(segs == sg) & (y == lab)].mean())
-                                                    for lab in (0, 1) if ((segs == sg) & (y == lab)).any()}
-                                          for sg in np.unique(segs)}
-        strat_results[strategy] = res
-        lap(strategy, t0)
-        del model
-        import keras
-
-        keras.backend.clear_session()
-
-    # paired delta AUC, periodic (b) vs each other strategy (a): positive = periodic better
-    t0 = time.perf_counter()
-    deltas: dict = {}
-    if "periodic" in args.strategies:
-        for other in [s for s in args.strategies if s != "periodic"]:
-            per_col: dict = {}
-            for split in ("val", "test"):
-                pa, ya, sa = raw[(other, split)]
-                pb, yb, sb = raw[("periodic", split)]
-                if not (np.array_equal(ya, yb) and np.array_equal(sa, sb)):
-                    raise RuntimeError(f"{split}: evaluation order differs between runs; cannot pair")
-                groups = {f"{split}:{s}": sa == s for s in np.unique(sa)}
-                if split == "val":
-                    groups["val:pooled"] = np.ones(ya.shape, bool)
-                for key, m in groups.items():
-                    d = bootstrap_delta_auc(ya[m], pa[m], pb[m], n_boot=args.n_boot, seed=args.seed)
-                    per_col[key] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-            deltas[other] = per_col
-    lap("delta_auc", t0)
-    timing["total_s"] = time.perf_counter() - t_start
-
+    models = {m: (data_dir, m) for m in args.strategies} | {"baseline": (base_dir, "balanced_labels")}
+    names = STRATEGY_NAMES | {"baseline": f"{args.baseline_segment} only"}
     train_counts = {seg: {lab: v.get(lab, {}).get("count", 0) for lab in ("0", "1")}
                     for seg, v in index["splits"].get("train", {}).items()}
     results = {
-        "paper": "periodic-sampling (section 3, Tables 1-2, Figure 4), in silico with mammodg phantoms",
-        "args": vars(args) | {"strategies": args.strategies},
-        "segments": seg_summary,
+        "paper": "periodic-sampling (section 3, Tables 1-3, Figure 4), in silico with mammodg phantoms",
+        "args": vars(args) | {"strategies": args.strategies}, "names": names, "baseline_segments": base_segs,
+        "segments": seg_summary, "train_counts": train_counts,
         "dataset_splits": {sp: {seg: {lab: e["count"] for lab, e in v.items()} for seg, v in segs.items()}
                            for sp, segs in index["splits"].items()},
-        "train_counts": train_counts,
-        "sampling_shares": {s: sampling_shares(data_dir, s, args.seed) for s in args.strategies},
-        "strategies": strat_results,
-        "delta_vs_periodic": deltas,
-        "timing": {k: round(v, 1) for k, v in timing.items()},
+        "sampling_shares": {m: sampling_shares(d, s, args.data_seed) for m, (d, s) in models.items()},
+        "seeds": {}, "timing": timing,
     }
-    results["narrative"] = narrative(results)
-    md = markdown(results)
-
-    def _clean(o):
-        if isinstance(o, dict):
-            return {str(k): _clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [_clean(v) for v in o]
-        if isinstance(o, (np.floating, float)):
-            return None if not np.isfinite(o) else float(o)
-        if isinstance(o, np.integer):
-            return int(o)
-        return o
-
-    (out / "results.json").write_text(json.dumps(_clean(results), indent=1))
-    (out / "results.md").write_text(md)
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        raw, per_model = {}, {}
+        for m, (train_dir, strategy) in models.items():
+            _log(f"seed {seed}: classifier {names[m]} ({strategy} on {train_dir.name}, {args.steps} steps)")
+            run_dir = out / "runs" / f"seed{seed}" / m
+            cfg = train_config(args, train_dir, run_dir, seed, stage="classifier", strategy=strategy, steps=args.steps,
+                               val_every=args.val_every, learning_rate=args.lr, init_from=str(patch_dir))
+            model = stages.run("classifier", cfg)
+            state = json.loads((run_dir / "state.json").read_text())
+            eval_cfg = train_config(args, data_dir, run_dir, seed)  # every model is scored on the full splits
+            raw[m] = {split: scores_of(model, eval_cfg, split) for split in ("val", "test")}
+            for split, (p, y, segs) in raw[m].items():
+                write_scores(out / "scores" / f"seed{seed}" / f"{m}_{split}.csv", p, y, segs)
+            per_model[m] = {"best_step": state.get("best_step"), "best_val_wll": state.get("best"),
+                            "auc": evaluate(raw[m], args.n_boot, seed)}
+            del model
+            keras.backend.clear_session()
+        results["seeds"][seed] = {"models": per_model,
+                                  "delta": paired_deltas(raw, ("balanced_labels", "baseline"), args.n_boot, seed)}
+        timing[f"seed {seed}"] = time.perf_counter() - t0
+        timing["total_s"] = time.perf_counter() - t_start
+        results["columns"] = list(next(iter(per_model.values()))["auc"])
+        rare = min(train_counts, key=lambda s: train_counts[s]["1"])
+        results["rare_column"] = f"val:{rare}"
+        results["aggregate"] = aggregate(results["seeds"])
+        results["narrative"] = narrative(results)
+        results["timing"] = {k: round(v, 1) for k, v in timing.items()}
+        md = markdown(results)
+        (out / "results.json").write_text(json.dumps(to_json(results), indent=1))
+        (out / "results.md").write_text(md)
+        _log(f"seed {seed} done ({timing[f'seed {seed}']:.0f} s); results so far in {out / 'results.md'}")
     print("\n" + md, flush=True)
     _log(f"done in {timing['total_s']:.0f} s; results in {out / 'results.md'} and {out / 'results.json'}")
     return 0
