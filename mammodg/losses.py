@@ -28,7 +28,7 @@ def _l2_normalize(z):
     return z / ops.sqrt(ops.maximum(ops.sum(ops.square(z), axis=-1, keepdims=True), 1e-24))
 
 
-def _gather_replicas(x):
+def gather_replicas(x):
     """(global batch, index offset of this replica's rows) under tf.distribute; (x, 0) otherwise."""
     import tensorflow as tf
 
@@ -49,7 +49,7 @@ def nt_xent_per_anchor(z1, z2, temperature: float = 0.1, groups=None, *, cross_r
     z1 = _l2_normalize(ops.cast(z1, "float32"))
     z2 = _l2_normalize(ops.cast(z2, "float32"))
     n = ops.shape(z1)[0]
-    gather = _gather_replicas if cross_replica else _local
+    gather = gather_replicas if cross_replica else _local
     all1, offset = gather(z1)
     all2, _ = gather(z2)
     big_n = ops.shape(all1)[0]

@@ -3,7 +3,9 @@
 A stage hands over a :class:`Task` (how to build the model, the loss, the training batches from a
 start step, and how to score a validation pass); the trainer does the rest:
 
-- ``MirroredStrategy`` over every visible GPU when there are several (one device: default strategy);
+- ``MirroredStrategy`` over every visible GPU when there are several (one device: default strategy), and
+  ``MultiWorkerMirroredStrategy`` with a custom loop when ``TF_CONFIG`` names a cluster (:mod:`mammodg.distributed`:
+  only the chief writes the run folder, the other workers read it on resume);
 - the stage's optimizer (default Adam) with Keras' EMA of every trainable weight (``use_ema``, decay
   ``ema_momentum``); validation, the best checkpoint and export use the EMA weights
   (``keras.callbacks.SwapEMAWeights``). A task with its own ``compile`` (several optimizers, e.g.
@@ -22,18 +24,17 @@ start step, and how to score a validation pass); the trainer does the rest:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from mammodg.io.atomic import atomic_path, atomic_write_json
 from mammodg.config import ConfigError, TrainConfig, from_dict, save, to_dict
+from mammodg.distributed import cluster, custom_loop, distribution_strategy, synchronize_batchnorm, worker_copy
 
 # Config fields a resumed run may change: how long it trains, and what does not touch the model, the
 # optimizer or the data order (a moved run folder, validation length, whether to export).
@@ -88,54 +89,6 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def cluster() -> tuple[int, int, bool]:
-    """(number of workers, this worker's index, whether it is the chief) from ``TF_CONFIG``; (1, 0, True)
-    without one. The chief is the task of type ``chief``, else worker 0."""
-    try:
-        tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-        spec, task = tf_config.get("cluster", {}), tf_config.get("task", {})
-    except (ValueError, AttributeError) as e:
-        raise ConfigError(f"TF_CONFIG: not a JSON cluster description ({e})") from None
-    order = [("chief", i) for i in range(len(spec.get("chief", [])))] + [("worker", i) for i in range(len(spec.get("worker", [])))]
-    if len(order) < 2:
-        return 1, 0, True
-    me = (task.get("type"), int(task.get("index", 0)))
-    if me not in order:
-        raise ConfigError(f"TF_CONFIG: task {me} is not in its cluster {sorted(spec)}")
-    return len(order), order.index(me), order.index(me) == 0
-
-
-@functools.cache
-def distribution_strategy():
-    """MultiWorkerMirroredStrategy when ``TF_CONFIG`` names a cluster of several workers (created once, before
-    other TensorFlow work: collectives are configured at startup); else MirroredStrategy over the GPUs when
-    there are several; else the default strategy."""
-    import tensorflow as tf
-
-    if cluster()[0] > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-
-
-def synchronize_batchnorm(model) -> int:
-    """Make every BatchNormalization of ``model`` (nested models included) use cross-replica statistics, so N
-    replicas train as one device on the global batch (and the contrastive model cannot tell positives apart by
-    per-replica statistics); returns how many layers there are. Called under several replicas."""
-    import keras
-
-    def layers(m):
-        for layer in m.layers:
-            yield layer
-            if hasattr(layer, "layers"):
-                yield from layers(layer)
-
-    bns = [layer for layer in layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in bns:
-        layer.synchronized = True
-    return len(bns)
-
-
 def _callbacks(trainer, ema: bool):
     """Progress and step count; then, at each period's end, the raw-weight checkpoint is staged, the
     EMA weights swapped in (Keras' SwapEMAWeights), and validation/best/state written with them."""
@@ -163,57 +116,6 @@ def _callbacks(trainer, ema: bool):
     return [Progress(), keras.callbacks.TerminateOnNaN(raise_error=True), *swap, Period()]
 
 
-def _worker_copy(run_dir: Path, index: int) -> Path:
-    """A non-chief worker's private run folder: a temporary folder holding copies of the chief's checkpoint,
-    state and best weights (what a resume reads); removed when the run ends."""
-    out = Path(tempfile.mkdtemp(prefix=f"mammodg-worker{index}-"))
-    for name in ("last.keras", "state.json", "config.yaml", "best.weights.h5"):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, out / name)
-    return out
-
-
-def distribute_batches(strategy, data):
-    """Global batches -> per-replica slices: each worker keeps its replicas' slices of every global batch
-    (AutoShardPolicy.DATA after Keras-like rebatching), so no two workers feed the same samples."""
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return strategy.experimental_distribute_dataset(data.with_options(options))
-
-
-def _custom_loop(model, data, callbacks, cfg, initial_epoch: int) -> None:
-    """``model.fit``'s schedule with ``strategy.run(model.train_step)``: the same loss scaling (Keras' losses
-    divide by the replica count; gradients are summed over replicas), optimizer and EMA updates, and the same
-    callbacks. The global batch is split over the workers (AutoShardPolicy.DATA: worker k keeps its slice of
-    every global batch, :func:`distribute_batches`), so the sampling proportions hold over the global batch."""
-    import keras
-    import tensorflow as tf
-
-    strategy = tf.distribute.get_strategy()
-    batches = iter(distribute_batches(strategy, data))
-
-    @tf.function
-    def step(iterator):
-        logs = strategy.run(model.train_step, args=(next(iterator),))
-        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
-
-    epochs = cfg.steps // cfg.val_every
-    hooks = keras.callbacks.CallbackList(callbacks, model=model, epochs=epochs, steps=cfg.val_every, verbose=0)
-    logs = {}
-    hooks.on_train_begin()
-    for epoch in range(initial_epoch, epochs):
-        model.reset_metrics()
-        hooks.on_epoch_begin(epoch)
-        for batch in range(cfg.val_every):
-            hooks.on_train_batch_begin(batch)
-            logs = {k: float(v) for k, v in step(batches).items()}
-            hooks.on_train_batch_end(batch, logs)
-        hooks.on_epoch_end(epoch, logs)
-    hooks.on_train_end(logs)
-
-
 class Trainer:
     def __init__(self, cfg, run_dir: str | Path, task: Task):
         self.cfg = cfg
@@ -221,7 +123,7 @@ class Trainer:
         self.task = task
         self.workers, self.worker_index, self.is_chief = cluster()
         if not self.is_chief:  # writes go to a private copy of the chief's run folder (read on resume)
-            self.run_dir = _worker_copy(self.run_dir, self.worker_index)
+            self.run_dir = worker_copy(self.run_dir, self.worker_index)
         self.epoch, self.step, self.loss = 0, 0, None
         self.trained = False  # whether run() trained any step (False: the run was already finished)
         self.bar = None  # tqdm progress bar over the steps while training
@@ -333,6 +235,10 @@ class Trainer:
 
         cfg = self.cfg
         check_config(cfg)
+        self.strategy = strategy = distribution_strategy()
+        if cfg.batch_size % strategy.num_replicas_in_sync:  # each replica takes an equal slice of the global batch
+            raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of the number of replicas "
+                              f"({strategy.num_replicas_in_sync})")
         if self.task.compile and cfg.mixed_precision == "mixed_float16":
             raise ConfigError(f"mixed_precision: the {cfg.stage} stage compiles its own optimizers without loss "
                               "scaling; use mixed_bfloat16 or float32")
@@ -344,7 +250,6 @@ class Trainer:
         if write_config:
             save(cfg, self.run_dir / "config.yaml")
         keras.utils.set_random_seed(cfg.seed)
-        strategy = distribution_strategy()
         policy = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(cfg.mixed_precision)  # read by every layer built below
         try:
@@ -387,7 +292,7 @@ class Trainer:
         callbacks = _callbacks(self, getattr(optimizer, "use_ema", False))
         try:
             if self.workers > 1:  # model.fit fails under MultiWorkerMirroredStrategy in Keras 3.15
-                _custom_loop(model, data, callbacks, cfg, self.epoch)
+                custom_loop(self.strategy, model, data, callbacks, cfg, self.epoch)
             else:
                 model.fit(data, steps_per_epoch=cfg.val_every, epochs=cfg.steps // cfg.val_every,
                           initial_epoch=self.epoch, shuffle=False, callbacks=callbacks, verbose=0)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mammodg.config import TrainConfig, VGGConfig, to_dict
 
-TIMEOUT_S = 240  # both workers are killed after this
+TIMEOUT_S = 420  # both workers are killed after this
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -26,14 +26,13 @@ WORKER = textwrap.dedent("""
     import keras
     from mammodg import stages
     from mammodg.config import TrainConfig, from_dict
-    from mammodg.train import distribute_batches, distribution_strategy
+    from mammodg.distributed import all_layers, distribute_batches, distribution_strategy
 
     args = json.loads(sys.argv[1])
     cfg = from_dict(TrainConfig, args["cfg"])
     strategy = distribution_strategy()
     model = stages.run(cfg.stage, cfg)
-    bns = [l for m in (model, *[l for l in model.layers if hasattr(l, "layers")]) for l in m.layers
-           if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [l for l in all_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
     arrays = {f"w{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.weights)}
     arrays |= {f"o{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.optimizer.variables)}
     np.savez(args["out"] + ".npz", **arrays)
@@ -47,7 +46,8 @@ WORKER = textwrap.dedent("""
     for _ in range(args["id_steps"]):
         local = strategy.experimental_local_results(next(it))
         fed.append([[x.decode(), s.decode()] for part in local for x, s in zip(part[0].numpy(), part[1].numpy())])
-    json.dump({"fed": fed, "replicas": strategy.num_replicas_in_sync, "bn": len(bns),
+    json.dump({"fed": fed, "replicas": strategy.num_replicas_in_sync,  # BN layers: one moving mean each
+               "bn": sum(v.path.endswith("/moving_mean") for v in model.weights),
                "bn_synced": sum(bool(l.synchronized) for l in bns)}, open(args["out"] + ".json", "w"))
 """)
 
@@ -62,28 +62,37 @@ def _free_ports(n):
     return ports
 
 
-def _start(cfg, out: Path, workers: int, id_steps: int, tag: str = ""):
-    """Start ``workers`` worker processes (1: a plain single process, no TF_CONFIG) with run folder ``out/run``;
-    their files are ``out/worker<k><tag>.*``."""
+def _launch(script: str, args_of, out: Path, workers: int, tag: str = "", env_of=None):
+    """Start ``workers`` processes of ``script`` (1: a plain single process, no TF_CONFIG), process k with the JSON
+    argument ``args_of(k)`` (and extra environment ``env_of(k)``), its log in ``out/worker<k><tag>.log``;
+    returns (the file pattern ``out/{}<tag>``, the processes)."""
     out.mkdir(exist_ok=True)
     ports = _free_ports(workers)
-    cfg = dataclasses.replace(cfg, run_dir=str(out / "run"))
     procs = []
     for k in range(workers):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
+               **(env_of(k) if env_of else {})}
         env.pop("TF_CONFIG", None)
         if workers > 1:
             env["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
                                            "task": {"type": "worker", "index": k}})
-        args = json.dumps({"cfg": to_dict(cfg), "out": str(out / f"worker{k}{tag}"), "id_steps": id_steps})
         log = open(out / f"worker{k}{tag}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, args], env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, "-c", script, json.dumps(args_of(k))], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
     return out / f"{{}}{tag}", procs
 
 
-def _finish(runs):
-    """Wait for every process (all are killed TIMEOUT_S after the first wait); each worker's (arrays, info)."""
-    deadline = time.monotonic() + TIMEOUT_S
+def _start(cfg, out: Path, workers: int, id_steps: int, tag: str = ""):
+    """The classifier/contrastive worker (``WORKER``) on ``workers`` processes with run folder ``out/run``; their
+    files are ``out/worker<k><tag>.*``."""
+    cfg = dataclasses.replace(cfg, run_dir=str(out / "run"))
+    return _launch(WORKER, lambda k: {"cfg": to_dict(cfg), "out": str(out / f"worker{k}{tag}"), "id_steps": id_steps},
+                   out, workers, tag)
+
+
+def _wait(runs, timeout_s: float = TIMEOUT_S) -> list[list[str]]:
+    """Wait for every process (all are killed ``timeout_s`` after the first wait); each must exit 0. The logs."""
+    deadline = time.monotonic() + timeout_s
     try:
         for _, procs in runs:
             for p in procs:
@@ -96,12 +105,21 @@ def _finish(runs):
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-    results = []
+    all_logs = []
     for out, procs in runs:
         files = [str(out).format(f"worker{k}") for k in range(len(procs))]
         logs = [Path(f + ".log").read_text() for f in files]
         for k, p in enumerate(procs):
             assert p.returncode == 0, f"{files[k]} failed ({p.returncode}):\n" + logs[k][-4000:]
+        all_logs.append(logs)
+    return all_logs
+
+
+def _finish(runs):
+    """:func:`_wait`, then each worker's (arrays, info, log)."""
+    results = []
+    for (out, procs), logs in zip(runs, _wait(runs)):
+        files = [str(out).format(f"worker{k}") for k in range(len(procs))]
         results.append([(dict(np.load(f + ".npz")), json.loads(Path(f + ".json").read_text()), log)
                         for f, log in zip(files, logs)])
     return results
@@ -167,13 +185,14 @@ def test_two_workers_train_the_contrastive_stage_like_one_process(tiny_records, 
                       learning_rate=0.3, val_max_batches=1, export=False)
     c = cfg.contrastive
     c.method, c.pairs_dir, c.input_size, c.hidden_dim, c.projection_dim = "simclr", str(tmp_path / "pairs"), [32, 32], 16, 8
+    c.backbone, c.width = "resnet18", 0.25  # few weights to all-reduce: ResNet-50's 24M take minutes on a loaded machine
     c.crop_scale = [0.5, 1.0]
     _check(cfg, tmp_path, atol=1e-5, id_steps=0)
 
 
 def test_cluster_reads_tf_config(monkeypatch):
     from mammodg.config import ConfigError
-    from mammodg.train import cluster
+    from mammodg.distributed import cluster
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert cluster() == (1, 0, True)

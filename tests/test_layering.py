@@ -15,7 +15,7 @@ LAYERS = [
     {"models", "losses", "metrics", "optimizers", "report"},
     {"records"},
     {"sampling", "augment"},
-    {"train", "export"},  # export: the SavedModel contract, called by the stages at the end of training
+    {"train", "export", "distributed"},  # export: the SavedModel contract (stages call it); distributed: the trainer's cluster path
     {"stages"},
     {"evaluate", "demo", "cli", "__main__"},
 ]

@@ -188,6 +188,23 @@ class ImagePool(layers.Layer):
         return {**super().get_config(), "size": self.size, "image_shape": list(self.image_shape), "seed": self.seed}
 
 
+def _pool_global_batch(pool: ImagePool, fakes):
+    """``pool`` on the global batch of fakes: under ``tf.distribute`` every replica gathers all replicas' fakes
+    (in replica order, the global batch's), applies the same pool rule with the same draws and keeps its own
+    rows, so the pools stay identical on every replica and equal to one device's on the global batch."""
+    import tensorflow as tf
+
+    from mammodg.losses import gather_replicas
+
+    fakes = ops.stop_gradient(fakes)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return pool(fakes)
+    everything, offset = gather_replicas(fakes)
+    pooled = pool(ops.reshape(everything, (ctx.num_replicas_in_sync * fakes.shape[0], *fakes.shape[1:])))
+    return ops.slice(pooled, (offset, 0, 0, 0), fakes.shape)
+
+
 @keras.saving.register_keras_serializable(package="mammodg")
 class LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Learning rate ``learning_rate`` until ``decay_start * steps``, then linearly down to 0 at ``steps``."""
@@ -288,16 +305,20 @@ class CycleGAN(keras.Model):
         from mammodg.losses import lsgan_discriminator_loss
 
         real_a, real_b = data
+        ctx = tf.distribute.get_replica_context()  # several replicas: gradients are summed over them
+        share = 1.0 / (ctx.num_replicas_in_sync if ctx else 1)  # so each replica's mean loss counts 1/replicas
         with tf.GradientTape() as tape:
             g, (fake_a, fake_b) = self.losses_of(real_a, real_b)
-        grads = tape.gradient(g["g_total"], self.generator_variables)
+            g_share = g["g_total"] * share
+        grads = tape.gradient(g_share, self.generator_variables)
         self.optimizer.apply_gradients(zip(grads, self.generator_variables))
-        fake_a, fake_b = self.pool_a(ops.stop_gradient(fake_a)), self.pool_b(ops.stop_gradient(fake_b))
+        fake_a, fake_b = _pool_global_batch(self.pool_a, fake_a), _pool_global_batch(self.pool_b, fake_b)
         with tf.GradientTape() as tape:
             d = {"d_a": lsgan_discriminator_loss(self.d_a(real_a, training=True), self.d_a(fake_a, training=True)),
                  "d_b": lsgan_discriminator_loss(self.d_b(real_b, training=True), self.d_b(fake_b, training=True))}
             d_total = d["d_a"] + d["d_b"]
-        grads = tape.gradient(d_total, self.discriminator_variables)
+            d_share = d_total * share
+        grads = tape.gradient(d_share, self.discriminator_variables)
         self.d_optimizer.apply_gradients(zip(grads, self.discriminator_variables))
         for k, v in {**g, **d, "loss": g["g_total"] + d_total}.items():
             self.trackers[k].update_state(v)
