@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -214,11 +215,18 @@ def cyclegan_pipeline(crop: int, filters: int, args) -> dict:
     import pipeline as synth
     from contrastive_pipeline import timed_fit
 
+    tmp = Path(tempfile.mkdtemp(prefix="mammodg-bench-cyclegan-"))
+    try:
+        return _cyclegan_pipeline(tmp, crop, filters, args, tf, synth, timed_fit)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cyclegan_pipeline(tmp: Path, crop: int, filters: int, args, tf, synth, timed_fit) -> dict:
     from mammodg.config import TrainConfig, load
     from mammodg.records.reader import load_index
     from mammodg.stages.cyclegan import pair_task
 
-    tmp = Path(tempfile.mkdtemp(prefix="mammodg-bench-cyclegan-"))
     h, w = 2 * crop, 3 * crop // 2  # crops of the breast of a stored image twice the crop's height
     synth.write_dataset(tmp, 2, 8, synth.make_images(4, h, w, level=1, seed=0), h, w, shard_size=8)
     cfg = load(TrainConfig, "configs/msvcl/cyclegan.yaml", [f"data_dir={tmp}", f"cyclegan.crop_size={crop}",
