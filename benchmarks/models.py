@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Training images/s of each model, from in-memory tensors and (VGG) from the real tf.data pipeline, with the
-FLOPs per image, so a rate can be set against the published GPU figure and the hardware's limit.
+"""Training images/s of each model, from in-memory tensors and (VGG, CycleGAN) from the real tf.data pipeline, with
+the FLOPs per image, so a rate can be set against the published GPU figure and the hardware's limit.
 
     python benchmarks/models.py [--quick] [--only vgg_classifier,...] [--out benchmarks/results/models.json]
 
@@ -14,8 +14,10 @@ rate is extrapolated by the FLOP ratio at the same achieved GFLOP/s, and labelle
 Models: the VGG classifier at 1152x832, the ResNet-50 contrastive encoder at 224 (2 views per sample, NT-Xent),
 CycleGAN on 512 crops (generator and PatchGAN discriminator each timed; a CycleGAN step is estimated as 6 generator
 and 6 discriminator forward+backward passes: G_AB, G_BA, the two cycles and the two identities; D on real and
-fake of each style) and FCOS (skipped, recorded, when ``mammodg.models.fcos`` does not import). Runs under any
-Keras backend; the real-pipeline figure needs TensorFlow.
+fake of each style; and the stage's own train step from its style-crop pipeline and from memory, at the measured
+crop, 512 extrapolated by FLOPs) and FCOS (skipped, recorded, when ``mammodg.models.fcos`` does not import). Runs under any
+Keras backend; the real-pipeline figures need TensorFlow. Also counted (not run): the forward FLOPs of the
+detection, BI-RADS, density and matching models at their MSVCL configs' sizes, for the cost at scale.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -189,8 +192,64 @@ def bench_cyclegan(args, rng) -> dict:
     res["forward_gflop_per_img"] = 6 * g["forward_gflop_per_img"] + 6 * d["forward_gflop_per_img"]
     res["paper_forward_gflop_per_img"] = 6 * g["paper_forward_gflop_per_img"] + 6 * d["paper_forward_gflop_per_img"]
     res["note"] = "memory_img_s: image pairs/s of a CycleGAN step estimated from the measured G and D rates"
-    res["pipeline"] = {"skipped": "not measured (the CycleGAN stage's input pipeline is being reworked)"}
+    res["pipeline"] = cyclegan_pipeline(crop, filters, args)
+    if "img_s" in res["pipeline"]:  # the 512 rates, extrapolated by the FLOP ratio like the in-memory one
+        scale = res["forward_gflop_per_img"] / res["paper_forward_gflop_per_img"]
+        res["pipeline"]["paper_img_s_extrapolated"] = res["pipeline"]["img_s"] * scale
+        res["pipeline"]["paper_memory_img_s_extrapolated"] = res["pipeline"]["memory_img_s"] * scale
     return res
+
+
+def cyclegan_pipeline(crop: int, filters: int, args) -> dict:
+    """The CycleGAN stage's own task (:func:`mammodg.stages.cyclegan.pair_task`: the paper's networks, image
+    pools, both optimizers) at ``crop``: fed by its style crops from records of two styles (synthetic shards,
+    :mod:`benchmarks.pipeline`), and by their first batch repeated from memory; image pairs/s, repeats
+    alternating."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return {"skipped": "the CycleGAN train step and its input pipeline need the TensorFlow backend"}
+    import tensorflow as tf
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import pipeline as synth
+    from contrastive_pipeline import timed_fit
+
+    tmp = Path(tempfile.mkdtemp(prefix="mammodg-bench-cyclegan-"))
+    try:
+        return _cyclegan_pipeline(tmp, crop, filters, args, tf, synth, timed_fit)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cyclegan_pipeline(tmp: Path, crop: int, filters: int, args, tf, synth, timed_fit) -> dict:
+    from mammodg.config import TrainConfig, load
+    from mammodg.records.reader import load_index
+    from mammodg.stages.cyclegan import pair_task
+
+    h, w = 2 * crop, 3 * crop // 2  # crops of the breast of a stored image twice the crop's height
+    synth.write_dataset(tmp, 2, 8, synth.make_images(4, h, w, level=1, seed=0), h, w, shard_size=8)
+    cfg = load(TrainConfig, "configs/msvcl/cyclegan.yaml", [f"data_dir={tmp}", f"cyclegan.crop_size={crop}",
+                                                             f"cyclegan.generator_filters={filters}",
+                                                             f"cyclegan.discriminator_filters={filters}",
+                                                             "mixed_precision=float32", "jit_compile=false"])
+    index = load_index(tmp)
+    task = pair_task(cfg, index, *sorted(index["segments"]))
+    model = task.build_model()
+    task.compile(model)
+    pipe = task.batches(0)
+    memory = tf.data.Dataset.from_tensors(next(iter(pipe))).repeat()
+    timed_fit(model, memory, 1, 1)  # build + trace
+    rates = {"pipeline": [], "memory": []}
+    for r in range(args.pipeline_repeats):
+        for name in ("memory", "pipeline") if r % 2 == 0 else ("pipeline", "memory"):
+            rates[name].append(cfg.batch_size * timed_fit(model, pipe if name == "pipeline" else memory,
+                                                          args.steps, args.warmup + 1)[0])
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    return {"strategy": f"style crops of 2 styles ({len(index['segments'])} segments, {h}x{w} records)",
+            "batch": cfg.batch_size, "img_s": med["pipeline"], "memory_img_s": med["memory"],
+            "ratio": med["pipeline"] / med["memory"], "runs": rates,
+            "note": "image pairs/s of the stage's train step (its pipeline vs its first batch from memory)"}
 
 
 def bench_fcos(args, rng) -> dict:
@@ -220,6 +279,48 @@ def bench_fcos(args, rng) -> dict:
         full = models.build("fcos", input_shape=(512, 384, 1))
         res["paper_forward_gflop_per_img"] = forward_flops(full, np.zeros((1, 512, 384, 1), np.float32)) / 1e9
     return res
+
+
+def stage_flops() -> dict:
+    """Forward GFLOP per image of the MSVCL v2 downstream stages' models at their configs' sizes (for the cost at
+    scale; counted, not run): detection (FCOS at ``detection.input_size``), birads and density (ResNet-50 at the
+    224 crops / inputs), matching (per ROI: a pair is two 224 ROIs through the shared embedding)."""
+    from mammodg import models
+    from mammodg.augment.matching_pairs import build_matcher
+    from mammodg.config import TrainConfig, load
+    from mammodg.models import fcos  # noqa: F401  (registers the detector)
+    from mammodg.stages.birads import build_birads_model
+    from mammodg.stages.density import build_density_model
+
+    def cfg(stage, *sets):
+        return load(TrainConfig, f"configs/msvcl/{stage}.yaml", [f"{stage}.backbone_from=", *sets])
+
+    def image(shape):
+        return np.zeros((1, *shape), np.float32)
+
+    out = {}
+    d = cfg("detection").detection
+    out["detection"] = {"input": list(d.input_size),
+                        "build": lambda: (models.build("fcos", **d.model_kwargs()), image((*d.input_size, 1)))}
+    b = cfg("birads")
+    out["birads"] = {"input": [b.birads.crop_size] * 2,
+                     "build": lambda: (build_birads_model(b), image((b.birads.crop_size, b.birads.crop_size, 1)))}
+    n = cfg("density")
+    out["density"] = {"input": list(n.density.input_size),
+                      "build": lambda: (build_density_model(n), image((*n.density.input_size, 1)))}
+    m = cfg("matching", "matching.detection_run=")
+    s = m.matching.roi_size
+    out["matching"] = {"input": [s, s], "per": 2,
+                       "build": lambda: (build_matcher(m), {"roi_cc": image((s, s, 1)), "roi_mlo": image((s, s, 1)),
+                                                            "geom_cc": image((3,)), "geom_mlo": image((3,))})}
+    for name, entry in out.items():
+        build = entry.pop("build")
+        try:
+            model, x = build()
+            entry["forward_gflop_per_img"] = forward_flops(model, x) / 1e9 / entry.pop("per", 1)
+        except Exception as e:  # noqa: BLE001  (recorded; the table says n/a)
+            entry["error"] = f"{type(e).__name__}: {e}"
+    return out
 
 
 BENCHES = {"vgg_classifier": bench_vgg, "resnet50_contrastive": bench_contrastive, "cyclegan": bench_cyclegan,
@@ -263,6 +364,8 @@ def main():
     ap.add_argument("--resnet-batch", type=int, default=4, help="samples per batch (2 views each)")
     ap.add_argument("--cyclegan-crop", type=int, default=128, help="measured crop (512 extrapolated by FLOPs)")
     ap.add_argument("--fcos-size", type=int, nargs=2, default=[256, 192], help="measured input (512x384 extrapolated)")
+    ap.add_argument("--pipeline-repeats", type=int, default=2, help="repeats of the CycleGAN pipeline/memory pair")
+    ap.add_argument("--no-stage-flops", action="store_true", help="skip counting the downstream stages' FLOPs")
     ap.add_argument("--out", default="benchmarks/results/models.json")
     args = ap.parse_args()
 
@@ -286,6 +389,10 @@ def main():
                           "skipped", "error", "wall_s")}
         print(f"{name}: {shown}", flush=True)
         keras.backend.clear_session()
+    if not (args.quick or args.no_stage_flops):
+        t = time.perf_counter()
+        results["stage_flops"] = stage_flops()
+        print(f"stage_flops: {results['stage_flops']} ({time.perf_counter() - t:.1f} s)", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, default=float))
     print(f"saved {args.out}")

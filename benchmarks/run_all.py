@@ -29,17 +29,23 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 
+# The contrastive pipeline at the ResNet-50 benchmark's input (models.py: 224, 8 images a step): the demo's pair
+# records, the MSVCL method (4 views), 2 samples a step, the MSVCL config's crop scales and projection head.
+CONTRASTIVE_224 = ("contrastive.input_size=[224, 224]", "batch_size=2", "contrastive.crop_scale=[0.6, 1.0]",
+                   "contrastive.view_crop_scale=[0.6, 1.0]", "contrastive.hidden_dim=2048", "contrastive.projection_dim=128")
+
 # name: (script, arguments sized for the 2-core budget, timeout s, the JSON it writes)
 SUITE = {
     "sampling_pattern": ("sampling_pattern.py", [], 180, "sampling_pattern.json"),
     "record_size": ("record_size.py", ["--out", str(RESULTS / "record_size.json")], 180, "record_size.json"),
     "build_tfrecords": ("build_tfrecords.py", ["--copies", "1", "--out", str(RESULTS)], 300, "build_tfrecords.json"),
     "build_beam": ("build_beam.py", ["--copies", "1", "--out", str(RESULTS / "build_beam.json")], 300, "build_beam.json"),
-    "pipeline": ("pipeline.py", ["--records", "128", "--distinct", "4", "--repeats", "3", "--batches", "8",
+    "pipeline": ("pipeline.py", ["--records", "256", "--distinct", "4", "--repeats", "5", "--batches", "32",
                                  "--out", str(RESULTS)], 300, "pipeline.json"),
-    "contrastive_pipeline": ("contrastive_pipeline.py", ["--steps", "4", "--warmup", "2", "--repeats", "2",
+    "contrastive_pipeline": ("contrastive_pipeline.py", ["--steps", "4", "--warmup", "2", "--repeats", "3", "--case",
+                                                         "224 input:" + ";".join(CONTRASTIVE_224),
                                                          "--out", str(RESULTS / "contrastive_pipeline.json")],
-                             300, "contrastive_pipeline.json"),
+                             480, "contrastive_pipeline.json"),
     "detection_pipeline": ("detection_pipeline.py", ["--steps", "4", "--warmup", "2", "--repeats", "2",
                                                      "--out", str(RESULTS / "detection_pipeline.json")],
                            300, "detection_pipeline.json"),
@@ -61,11 +67,16 @@ REFERENCES = {
 DATASETS = (29_700, 250_000)
 GPUS = (1, 8, 64)
 BEAM_WORKERS = (16, 64)
-STAGES = (  # stage, config, GFLOP/img key in models.json (None: 3 x the forward count under that key), views, paper N
+STAGES = (  # stage, config, (model, key) in models.json: training GFLOP/img (a *train* key) or forward GFLOP/img (3x);
+    # ("stage_flops", stage): the forward count of models.py's stage_flops; views (images a sample); paper N
     ("patch (VGG backbone, 224 patches)", "configs/periodic_sampling/patch.yaml", ("vgg_classifier", "patch_224_forward_gflop_per_img"), 1, 250_000),
     ("classifier (VGG, 1152x832)", "configs/periodic_sampling/classifier.yaml", ("vgg_classifier", "paper_train_gflop_per_img"), 1, 250_000),
     ("cyclegan (per style pair, 512 crops)", "configs/msvcl/cyclegan.yaml", ("cyclegan", "paper_train_gflop_per_img"), 1, None),
     ("contrastive (ResNet-50, 512x384, MSVCL 3 views)", "configs/msvcl/contrastive.yaml", ("resnet50_contrastive", "msvcl_512x384_forward_gflop_per_img"), 3, 29_700),
+    ("detection (FCOS, ResNet-50, 1152x832)", "configs/msvcl/detection.yaml", ("stage_flops", "detection"), 1, 29_700),
+    ("birads (ResNet-50, 224 crops)", "configs/msvcl/birads.yaml", ("stage_flops", "birads"), 1, 29_700),
+    ("density (ResNet-50, 224x224)", "configs/msvcl/density.yaml", ("stage_flops", "density"), 1, 29_700),
+    ("matching (ResNet-50 siamese, 2 ROIs of 224)", "configs/msvcl/matching.yaml", ("stage_flops", "matching"), 2, 29_700),
 )
 
 
@@ -180,7 +191,11 @@ def rows(res: dict, mach: dict) -> list[tuple[str, str, str, str]]:
         a = pl["throughput"]
         out.append((f"Input pipeline, periodic, {a['segments']} segments (img/s)", _f(a["periodic_img_s"]), "", ""))
         out.append(("Input pipeline, plain interleaved reader (img/s)", _f(a["plain_img_s"]), "", ""))
-        out.append(("Input pipeline, periodic / plain", _f(a["ratio"]), f"target >= {R['pipeline_ratio_target']}", ""))
+        out.append((f"Input pipeline, periodic / plain{_spread(a.get('ratio_runs', []))}", _f(a["ratio"]),
+                    f"target >= {R['pipeline_ratio_target']}", ""))
+        out.append(("Input pipeline, CPU ms per image, periodic / plain (plain / periodic: the ratio when CPU-bound)",
+                    f"{_f(a['periodic_cpu_ms_per_img'])} / {_f(a['plain_cpu_ms_per_img'])} ({_f(a['cpu_efficiency_ratio'])})",
+                    "", ""))
     if pl and "memory" in pl:
         m = pl["memory"]
         for k in sorted((k for k in m if k.isdigit()), key=int):
@@ -189,12 +204,9 @@ def rows(res: dict, mach: dict) -> list[tuple[str, str, str, str]]:
                     f"target <= {R['memory_ratio_target']}", ""))
     cp = b.get("contrastive_pipeline", {}).get("result")
     if cp:
-        size = "x".join(map(str, cp["input_size"]))
-        for k in ("pipeline", "memory"):
-            out.append((f"Contrastive training, demo config ({cp['views_per_sample']} views at {size}), {k} (img/s)",
-                        _f(cp["images_per_s"][k]), "", ""))
-        out.append(("Contrastive training, pipeline / in-memory", _f(cp["ratio_pipeline_over_memory"]),
-                    f"target >= {R['pipeline_ratio_target']}", ""))
+        out += contrastive_rows("demo config", cp)
+        for label, case in cp.get("cases", {}).items():
+            out += contrastive_rows(label, case)
     dp = b.get("detection_pipeline", {}).get("result")
     if dp:
         for k in ("pipeline", "memory"):
@@ -204,6 +216,28 @@ def rows(res: dict, mach: dict) -> list[tuple[str, str, str, str]]:
     mo = b.get("models", {}).get("result")
     if mo:
         out += model_rows(mo, mach)
+    return out
+
+
+def _spread(runs: list[float]) -> str:
+    """" (median of N paired runs, a-b)" for several runs of a ratio."""
+    return f" (median of {len(runs)} paired runs, {min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+
+
+def contrastive_rows(label: str, cp: dict) -> list[tuple[str, str, str, str]]:
+    """The ResNet-50 encoder trained from the contrastive stage's pipeline and from memory, and the pipeline alone."""
+    what = f"Contrastive training, ResNet-50, {label} ({cp['views_per_sample']} views at {'x'.join(map(str, cp['input_size']))})"
+    img = cp["images_per_s"]
+    out = [(f"{what}, from the real pipeline (img/s)", _f(img["pipeline"]), f"in-memory {_f(img['memory'])}", ""),
+           (f"{what}, pipeline / in-memory{_spread(cp.get('ratio_runs', []))}", _f(cp["ratio_pipeline_over_memory"]),
+            f"target >= {REFERENCES['pipeline_ratio_target']}", "")]
+    if "pipeline_alone" in img:
+        out.append((f"{what}, the pipeline alone, no model (img/s)", _f(img["pipeline_alone"]),
+                    f"{img['pipeline_alone'] / img['memory']:.1f}x the in-memory training rate", ""))
+    if "cpu_ms_per_sample" in cp:
+        c = cp["cpu_ms_per_sample"]
+        out.append((f"{what}, CPU ms per sample: pipeline / in-memory (in-memory / pipeline: the ratio when CPU-bound)",
+                    f"{_f(c['pipeline'])} / {_f(c['memory'])} ({_f(cp['cpu_ratio_memory_over_pipeline'])})", "", ""))
     return out
 
 
@@ -247,7 +281,13 @@ def model_rows(mo: dict, mach: dict) -> list[tuple[str, str, str, str]]:
         else:
             out.append((f"{name} at {paper}: reference and limit ({_f(gf)} GFLOP/img)", "", ref, limit))
         pipe = r.get("pipeline", {})
-        if "img_s" in pipe:
+        if "img_s" in pipe and name == "cyclegan":  # the stage's own train step: its pipeline vs its batch in memory
+            out.append((f"cyclegan stage train step at {size}, from the real pipeline ({pipe['strategy']}) "
+                        f"(image pairs/s)", _f(pipe["img_s"]), f"in-memory (same step) {_f(pipe['memory_img_s'])}", ""))
+            out.append((f"cyclegan stage train step at {paper}, from the real pipeline (image pairs/s, extrapolated by "
+                        "FLOP ratio)", _f(pipe["paper_img_s_extrapolated"]),
+                        f"in-memory (same step) {_f(pipe['paper_memory_img_s_extrapolated'])}", limit))
+        elif "img_s" in pipe:
             out.append((f"{name} at {size}, from the real pipeline ({pipe['strategy']}) (img/s)", _f(pipe["img_s"]),
                         f"in-memory {_f(r['memory_img_s'])}", ""))
     return out
@@ -299,10 +339,11 @@ def cost_at_scale(res: dict) -> list[str]:
                     f"{N:,} images, {g} GPU{'s' * (g > 1)}" for N in DATASETS for g in GPUS) + " |",
                 "|---" * (4 + len(DATASETS) * len(GPUS)) + "|"]
         for stage, config, (model, key), views, paper_n in STAGES:
-            r = mo["models"].get(model, {})
-            gf = r.get(key)
+            gf = (mo.get("stage_flops", {}).get(key, {}).get("forward_gflop_per_img") if model == "stage_flops"
+                  else mo["models"].get(model, {}).get(key))
             if gf is None:
-                out.append(_row([stage, f"n/a ({model} not measured)"], 4 + len(DATASETS) * len(GPUS)))
+                out.append(_row([stage, f"n/a ({key if model == 'stage_flops' else model} not measured)"],
+                                4 + len(DATASETS) * len(GPUS)))
                 continue
             gf = gf if key.endswith("train_gflop_per_img") else 3 * gf
             cfg = yaml.safe_load((ROOT / config).read_text())
@@ -311,7 +352,6 @@ def cost_at_scale(res: dict) -> list[str]:
             cells = [_hours(seen * (N / paper_n if paper_n else 1) / (g * rate)) for N in DATASETS for g in GPUS]
             out.append(f"| {stage} | {_f(gf)} | {_f(rate)} | {seen:,} ({cfg['steps']:,} x {cfg['batch_size']}"
                        f"{f' x {views}' if views > 1 else ''}) | " + " | ".join(cells) + " |")
-        out.append(_row(["fcos", "n/a: no paper config of the detection stage here"], 4 + len(DATASETS) * len(GPUS)))
     return out
 
 

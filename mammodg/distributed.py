@@ -105,8 +105,8 @@ def custom_loop(strategy, model, data, callbacks, cfg, initial_epoch: int) -> No
     divide by the replica count; gradients are summed over replicas), optimizer and EMA updates, and the same
     callbacks. The global batch is split over the workers (AutoShardPolicy.DATA: worker k keeps its slice of
     every global batch, :func:`distribute_batches`), so the sampling proportions hold over the global batch.
-    The steps run in ``strategy``'s scope (outside it ``strategy.run`` would be the default strategy's: every
-    worker would train the whole global batch on its own)."""
+    ``strategy`` is passed in and the steps run in its scope (``tf.distribute.get_strategy()`` outside the scope
+    is the default strategy: every worker would train the whole global batch on its own, nothing all-reduced)."""
     import keras
     import tensorflow as tf
 

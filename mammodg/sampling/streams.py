@@ -18,6 +18,11 @@ Strategies (``strategy`` in the stage config):
   label).
 - ``natural``: one pooled, shuffled stream of everything.
 
+Reading: a stream whose records all fit its share of the shuffle budget reads its shards once and then
+serves them from memory (``cache``: the same records its shuffle buffer holds anyway), instead of reopening
+its files every pass (a one-record stream reopened a file per sample: ~10% more CPU than a plain reader);
+the chosen records are read ahead (:data:`READ_AHEAD`) in their own thread, off the decoding map's path.
+
 The choice sequence is periodic (period 2 x pattern length, since a segment visited an odd number of
 times per pattern starts the next pass on the other label); ``start`` skips into it exactly, which is
 how a resumed run continues the same proportions and label alternation.
@@ -98,6 +103,9 @@ def make_plan(index: dict, data_dir: str | Path, split: str, strategy: str, seed
                 [sum(c for _, c in pool) for pool in members], choices, members=members)
 
 
+READ_AHEAD = 8  # serialized records read ahead of the decoding map (a few MB of full-size images)
+
+
 def _stream(files: list[str], count: int, buffer: int, seed: int):
     import tensorflow as tf
 
@@ -105,6 +113,8 @@ def _stream(files: list[str], count: int, buffer: int, seed: int):
     if len(files) > 1:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.flat_map(tf.data.TFRecordDataset)
+    if count <= buffer:  # the buffer holds the whole stream anyway: read the files once (each pass still reshuffled)
+        ds = ds.cache()
     ds = ds.shuffle(max(1, min(count, buffer)), seed=seed + 1, reshuffle_each_iteration=True)
     return ds.repeat()
 
@@ -152,11 +162,11 @@ def serialized_stream(plan: Plan, *, seed: int = 0, start: int = 0, shuffle_budg
     else:
         inputs = [_stream(f, c, per_stream, s) for f, c, s in zip(plan.files, plan.counts, seeds)]
     if len(inputs) == 1:
-        return inputs[0]
+        return inputs[0].prefetch(READ_AHEAD)
     table = tf.constant(plan.choices, tf.int64)
     period = len(plan.choices)
     choice = tf.data.Dataset.range(start, np.iinfo(np.int64).max).map(lambda i: tf.gather(table, i % period))
-    return tf.data.Dataset.choose_from_datasets(inputs, choice)
+    return tf.data.Dataset.choose_from_datasets(inputs, choice).prefetch(READ_AHEAD)
 
 
 def image_batches(data_dir, split: str, *, strategy: str, batch_size: int, seed: int = 0, start_step: int = 0,
