@@ -367,14 +367,8 @@ def test_resnet50_backbone_with_contrastive_weights(tmp_path):
         fcos_model(input_shape=(64, 64, 1), backbone_weights=str(tmp_path / "missing.h5"))
 
 
-def test_tiny_training_reduces_the_loss():
-    """fit() through a compute_loss override on 2 synthetic images with one bright square each."""
-    keras.utils.set_random_seed(0)
-    x = np.zeros((2, 64, 64, 1), np.float32)
-    x[0, 10:30, 12:36] = 1
-    x[1, 30:58, 26:50] = 1
-    y = {"boxes": np.array([[[12, 10, 36, 30]], [[26, 30, 50, 58]]], np.float32), "classes": np.zeros((2, 1), np.int32)}
-    detector, loss = tiny(), FCOSLoss((64, 64))
+def fit(detector, loss, x, y, epochs: int):
+    """fit() of ``detector`` through a compute_loss override (Adam 3e-3, one batch of all images); the loss history."""
 
     class Trainable(keras.Model):
         def __init__(self):
@@ -389,7 +383,18 @@ def test_tiny_training_reduces_the_loss():
 
     model = Trainable()
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
-    history = model.fit(x, y, batch_size=2, epochs=12, verbose=0).history["loss"]
+    return model.fit(x, y, batch_size=len(x), epochs=epochs, verbose=0).history["loss"]
+
+
+def test_tiny_training_reduces_the_loss():
+    """fit() through a compute_loss override on 2 synthetic images with one bright square each."""
+    keras.utils.set_random_seed(0)
+    x = np.zeros((2, 64, 64, 1), np.float32)
+    x[0, 10:30, 12:36] = 1
+    x[1, 30:58, 26:50] = 1
+    y = {"boxes": np.array([[[12, 10, 36, 30]], [[26, 30, 50, 58]]], np.float32), "classes": np.zeros((2, 1), np.int32)}
+    detector, loss = tiny(), FCOSLoss((64, 64))
+    history = fit(detector, loss, x, y, epochs=12)
     assert np.isfinite(history).all()
     assert history[-1] < 0.7 * history[0], history
 
@@ -412,21 +417,7 @@ def test_tiny_detector_overfits_its_training_images_to_ap50():
     detector = fcos_model(input_shape=(64, 64, 1), levels=levels, backbone="tiny", width=16, tower_convs=1, groups=4,
                           backbone_width=16)
     loss = FCOSLoss((64, 64), levels=levels)
-
-    class Trainable(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.detector = detector
-
-        def call(self, inputs):
-            return self.detector(inputs)
-
-        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-            return loss(y, y_pred)["total"]
-
-    model = Trainable()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3))
-    model.fit(x, y, batch_size=n, epochs=60, verbose=0)
+    fit(detector, loss, x, y, epochs=60)
     det = decode_detections(detector(x, training=False), (64, 64), levels)
     ims = []
     for i in range(n):
