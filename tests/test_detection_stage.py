@@ -201,3 +201,20 @@ def test_resume_extends_the_run(run, tiny_records, capsys):
                  *args]) == 0
     assert "resuming" in capsys.readouterr().out
     assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [2, 4, 6]
+
+
+
+def test_optimizer_warms_up_linearly_then_holds_the_learning_rate():
+    """Learning rate: 0.1 x lr at step 0, linear to lr at step min(300, steps // 3), then lr (by hand)."""
+    from mammodg.stages.detection import learning_rate_schedule, optimizer
+
+    def rates(steps, at):
+        cfg = load(TrainConfig, "demo/detection.yaml", ["learning_rate=0.02", f"steps={steps}"])
+        return [float(learning_rate_schedule(cfg)(k)) for k in at], cfg
+
+    got, cfg = rates(1000, (0, 150, 300, 999))
+    np.testing.assert_allclose(got, [0.002, 0.011, 0.02, 0.02], rtol=1e-5)
+    np.testing.assert_allclose(rates(30, (0, 5, 10, 29))[0], [0.002, 0.011, 0.02, 0.02], rtol=1e-5)
+    opt = optimizer(cfg)
+    np.testing.assert_allclose(float(opt.learning_rate), 0.002, rtol=1e-5)  # the optimizer runs on it: step 0
+    assert (opt.momentum, opt.weight_decay) == (cfg.detection.momentum, cfg.detection.weight_decay)

@@ -128,9 +128,36 @@ def training_batches(cfg: TrainConfig, decode, start: int = 0):
                            label_fraction=cfg.label_fraction)
 
 
-def detection_task(cfg: TrainConfig) -> Task:
+WARMUP_STEPS, WARMUP_FACTOR = 300, 0.1
+
+
+def warmup_steps(steps: int) -> int:
+    """Linear warm-up length: ``WARMUP_STEPS``, at most a third of the run."""
+    return max(1, min(WARMUP_STEPS, steps // 3))
+
+
+def learning_rate_schedule(cfg: TrainConfig):
+    """``learning_rate`` reached linearly from ``WARMUP_FACTOR`` x itself over the first :func:`warmup_steps`
+    steps, then held (FCOS's warm-up; a cosine decay to ``alpha=1`` is constant): without it the first steps
+    of a random head blow the loss up and short runs learn nothing or depend on the seed (README
+    "Detection", "Does it learn?")."""
     import keras
 
+    lr = cfg.learning_rate
+    return keras.optimizers.schedules.CosineDecay(lr * WARMUP_FACTOR, decay_steps=1, alpha=1.0, warmup_target=lr,
+                                                  warmup_steps=warmup_steps(cfg.steps))
+
+
+def optimizer(cfg: TrainConfig, **kw):
+    """SGD with momentum and weight decay (section IV-B) on :func:`learning_rate_schedule`; ``kw``: Keras' EMA
+    keywords."""
+    import keras
+
+    d = cfg.detection
+    return keras.optimizers.SGD(learning_rate_schedule(cfg), momentum=d.momentum, weight_decay=d.weight_decay, **kw)
+
+
+def detection_task(cfg: TrainConfig) -> Task:
     from mammodg.augment.detection import PackedFCOSLoss, detection_decoder, packed_model
     from mammodg.records.reader import all_shards, load_index
     from mammodg.stages.downstream import count_labels
@@ -147,8 +174,7 @@ def detection_task(cfg: TrainConfig) -> Task:
         loss=PackedFCOSLoss(d.input_size, len(d.class_names()), tuple(d.levels)),
         batches=lambda start: training_batches(cfg, decode, start),
         validate=_validate(cfg), learning_rate=cfg.learning_rate,
-        optimizer=lambda **kw: keras.optimizers.SGD(cfg.learning_rate, momentum=d.momentum,
-                                                    weight_decay=d.weight_decay, **kw))
+        optimizer=lambda **kw: optimizer(cfg, **kw))
 
 
 def run(cfg: TrainConfig):
