@@ -8,7 +8,8 @@ t-SNE figures. Beside it, each run's last validation top-1 per pair type, its ch
 one-sided binomial p-value: did the backbone learn its own task? The CycleGAN run and the pair records
 (the config's ``contrastive.cyclegan_run`` / ``pairs_dir``) are made once and shared by every method and
 seed; a seed changes the initialisation, the sampled batches and the augmentations. Writes ``results.md``
-and ``results.json`` (mean, std and min-max over seeds per method) in ``--out``; finished runs are reused.
+and ``results.json`` (mean, std and min-max over seeds per method) in ``--out``; finished runs and their
+evaluations are reused, so seeds can be run by separate processes and aggregated by a last call.
 
     python pipelines/contrastive_invariance_experiment.py [--steps 100] [--methods simclr msvcl] [--seeds 0 1 2]
         [--heldout-patients 15]   # probe new phantom patients, each rendered in every style
@@ -72,14 +73,17 @@ def report(runs: dict, methods: list, seeds: list, args, probe: dict) -> tuple[s
     """results.md text and results.json content from the per-run rows ``runs[(seed, method)]``."""
     from mammodg.stages.contrastive import CLEAR_P
 
-    seeds = [s for s in seeds if all((s, m) in runs for m in methods)]  # complete seeds only
-    summary = {m: {"style_accuracy": spread([runs[s, m]["style_accuracy"] for s in seeds])} for m in methods}
-    summary["random init"] = {"style_accuracy": spread([runs[s, methods[0]]["style_accuracy_random_init"] for s in seeds])}
-    summary["random init, data BatchNorm"] = {
-        "style_accuracy": spread([runs[s, methods[0]]["style_accuracy_random_init_data_bn"] for s in seeds])}
+    done = {m: [s for s in seeds if (s, m) in runs] for m in methods}  # a stopped experiment: the seeds each has
+    seeds = sorted({s for m in methods for s in done[m]})
+    summary = {m: {"seeds": done[m], "style_accuracy": spread([runs[s, m]["style_accuracy"] for s in done[m]])}
+               for m in methods if done[m]}
+    base = done[methods[0]]  # the random baselines, evaluated with each seed's first method
+    summary["random init"] = {"seeds": base, "style_accuracy": spread([runs[s, methods[0]]["style_accuracy_random_init"] for s in base])}
+    summary["random init, data BatchNorm"] = {"seeds": base, "style_accuracy": spread(
+        [runs[s, methods[0]]["style_accuracy_random_init_data_bn"] for s in base])}
     for m in methods:
-        for kind in runs[seeds[0], m]["validation"]:
-            vals = [runs[s, m]["validation"][kind] for s in seeds]
+        for kind in runs[done[m][0], m]["validation"] if done[m] else ():
+            vals = [runs[s, m]["validation"][kind] for s in done[m]]
             summary[m][kind] = {"top1": spread([v["top1"] for v in vals]), "chance": float(np.mean([v["chance"] for v in vals])),
                                 "seeds_clear": sum(v["clear_last"] for v in vals)}
     lines = [f"# Contrastive invariance: vendor-style linear probe, {len(seeds)} seed(s) {seeds}", "",
@@ -92,21 +96,21 @@ def report(runs: dict, methods: list, seeds: list, args, probe: dict) -> tuple[s
              f"seeds whose top-1 was above chance with one-sided binomial p < {CLEAR_P} in each of the last two validations.", "",
              "| backbone | style accuracy | last-validation top-1 per pair type (chance), seeds clear |", "|---|---|---|"]
     for m, row in summary.items():
-        tasks = "; ".join(f"{kind} {fmt(v['top1'])} ({v['chance']:.3f}), {v['seeds_clear']}/{len(seeds)} clear"
-                          for kind, v in row.items() if kind != "style_accuracy")
-        lines.append(f"| {m} | {fmt(row['style_accuracy'])} | {tasks} |")
+        tasks = "; ".join(f"{kind} {fmt(v['top1'])} ({v['chance']:.3f}), {v['seeds_clear']}/{len(row['seeds'])} clear"
+                          for kind, v in row.items() if kind not in ("seeds", "style_accuracy"))
+        lines.append(f"| {m} (seeds {', '.join(map(str, row['seeds']))}) | {fmt(row['style_accuracy'])} | {tasks} |")
     lines += ["", "Per run:", "", "| seed | method | style accuracy | random init | last validation: top-1 (chance, p) | train s |",
               "|---|---|---|---|---|---|"]
     for s in seeds:
-        for m in methods:
+        for m in (m for m in methods if (s, m) in runs):
             r = runs[s, m]
             val = "; ".join(f"{k} {v['top1']:.3f} ({v['chance']:.3f}, p {v['p']:.1e})" for k, v in r["validation"].items())
             lines.append(f"| {s} | {m} | {r['style_accuracy']:.3f} | {runs[s, methods[0]]['style_accuracy_random_init']:.3f} "
-                         f"| {val} | {r['train_s']} |")
+                         f"| {val} | {r['train_s'] or ''} |")
     result = {"seeds": seeds, "steps": args.steps, "config": args.config, "overrides": args.set, "data": args.data,
               "split": args.split, "probe": probe, "summary": summary,
               "runs": {f"seed{s}/{m}": {k: str(v) if isinstance(v, Path) else v for k, v in runs[s, m].items()}
-                       for s in seeds for m in methods}}
+                       for s, m in runs}}
     return "\n".join(lines) + "\n", result
 
 
@@ -124,6 +128,7 @@ def main() -> None:
                          "their images (sets --data and --split train)")
     ap.add_argument("--out", default="runs/contrastive_invariance")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: aggregate the finished runs in --out")
     args = ap.parse_args()
 
     from mammodg import stages
@@ -135,25 +140,31 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.heldout_patients:
         args.data, args.split = str(heldout_phantoms(out / "heldout", args.heldout_patients, args.config)), "train"
-    runs, t0 = {}, time.perf_counter()
+    runs, t0, text = {}, time.perf_counter(), ""
     for seed in args.seeds:  # seeds outermost: a stopped experiment leaves whole seeds
         for method in args.methods:
             run = out / f"seed{seed}" / method
+            if args.report_only and not (run / "backbone.weights.h5").is_file():
+                continue
             cfg = load(TrainConfig, args.config, args.set + [
                 "stage=contrastive", f"run_dir={run}", f"contrastive.method={method}", f"steps={args.steps}",
                 f"seed={seed}", f"val_every={args.steps // 2 if args.steps % 2 == 0 else args.steps}"])
-            t = time.perf_counter()
-            prepare_contrastive(cfg)  # the shared CycleGAN run and pair records: made by the first run only
-            stages.run("contrastive", cfg)
-            train_s = round(time.perf_counter() - t, 1)
+            t, train_s = time.perf_counter(), None
+            if not args.report_only:
+                prepare_contrastive(cfg)  # the shared CycleGAN run and pair records: made by the first run only
+                stages.run("contrastive", cfg)
+                train_s = round(time.perf_counter() - t, 1)
             first = method == args.methods[0]  # the random baselines depend on the seed only: once per seed
-            runs[seed, method] = evaluate_contrastive(run, split=args.split, data_dir=args.data, baselines=first) | {
+            runs[seed, method] = evaluate_contrastive(run, split=args.split, data_dir=args.data, baselines=first,
+                                                      reuse=True) | {
                 "train_s": train_s, "validation": last_validations(run, method)}
+            if method != args.methods[-1] and not args.report_only:
+                continue
             probe = json.loads(Path(runs[seed, method]["json"]).read_text())["probe_trained"]
-            text, result = report(runs, args.methods, args.seeds, args, probe)
+            text, result = report(runs, args.methods, args.seeds, args, probe)  # after each complete seed
             (out / "results.md").write_text(text + f"\nWall time so far: {time.perf_counter() - t0:.0f} s.\n")
             (out / "results.json").write_text(json.dumps(result | {"wall_s": round(time.perf_counter() - t0)}, indent=1))
-    print(text)
+    print(text if runs else f"no finished runs in {out}")
 
 
 if __name__ == "__main__":

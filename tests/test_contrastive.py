@@ -294,7 +294,7 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     assert [h["step"] for h in history] == [2, 4] and all(np.isfinite(h["global"]["nt_xent"]) for h in history)
     for kind in ("multi_style", "multi_view"):  # each pair type with its chance level beside it
         assert all(0 <= h["global"][f"{kind}_top1"] <= 1 and 0 < h["global"][f"{kind}_top1_chance"] <= 1 for h in history)
-        assert all(h["global"][f"{kind}_anchors"] == 2 * 4 and 0 < h["global"][f"{kind}_top1_p"] <= 1 for h in history)
+        assert all(0 < h["global"][f"{kind}_top1_p"] <= 1 for h in history)
     assert (run / "backbone.weights.h5").is_file() and (run / "saved_model" / "saved_model.pb").is_file()
     # the SavedModel, reloaded in a fresh process, gives the Keras backbone's embeddings
     x = np.random.default_rng(0).uniform(size=(3, 32, 32, 1)).astype(np.float32)
@@ -309,6 +309,11 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     from mammodg.models.resnet import build_backbone
 
     cfg = load(TrainConfig, run / "config.yaml")  # the demo config's encoder, with the --set values
+    from mammodg.stages.contrastive import validation_batches
+
+    _, size, count = validation_batches(cfg)  # anchors: 2 per breast of the validation batches seen (at most 2)
+    assert all(h["global"][f"{k}_anchors"] == 2 * size * min(2, count // size)
+               for h in history for k in ("multi_style", "multi_view"))
     backbone = build_backbone(cfg.contrastive.backbone, (32, 32, 1), width=cfg.contrastive.width)
     backbone.load_weights(run / "backbone.weights.h5")
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), backbone.predict(x, verbose=0), atol=1e-5)
