@@ -188,7 +188,8 @@ def plot_tsne(panels: dict, styles: np.ndarray, path: Path, seed: int = 0) -> Pa
     return path
 
 
-def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None = None) -> dict:
+def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None = None, baselines: bool = True,
+                         reuse: bool = False) -> dict:
     """Style invariance of a contrastive backbone: linear-probe style accuracy (lower = more invariant)
     next to a randomly initialised backbone's, and a t-SNE figure coloured by style.
 
@@ -197,7 +198,9 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     and seed: as initialised (BatchNorm statistics 0/1), and with BatchNorm statistics re-estimated on
     the run's training images (:func:`precise_batchnorm`), as a trained backbone's are. The second
     separates what training the weights did from what data-calibrated BatchNorm alone does (it puts a
-    random ResNet-50 in a chaotic regime whose pooled features carry less of the input's style)."""
+    random ResNet-50 in a chaotic regime whose pooled features carry less of the input's style).
+    ``baselines=False`` skips both (an experiment that already has them for this seed and architecture);
+    ``reuse`` returns the figures of an earlier evaluation of the same images when it has every backbone asked."""
     import keras
 
     from mammodg.config import TrainConfig, load
@@ -208,43 +211,56 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     if cfg.stage != "contrastive" or not weights.is_file():
         raise FileNotFoundError(f"{run} is not a finished contrastive run (backbone.weights.h5 missing)")
     shape = (*cfg.contrastive.input_size, 1)
+    out = run / (f"invariance_{split}" if not data_dir else f"invariance_{Path(data_dir).name}_{split}")
+    rows = _INVARIANCE_ROWS[:3 if baselines else 1]
+    if reuse and (out / "invariance.json").is_file() and (
+            (out / "invariance.json").stat().st_mtime > (run / "history.json").stat().st_mtime):  # not retrained since
+        result = json.loads((out / "invariance.json").read_text())
+        if all(key in result for _, key, _ in rows):
+            return _invariance_summary(out, result)
 
     def backbone():
         return build_backbone(cfg.contrastive.backbone, shape, width=cfg.contrastive.width)
 
-    trained = backbone()
-    trained.load_weights(weights)
-    keras.utils.set_random_seed(cfg.seed)
-    random = backbone()
-    random_bn = backbone()
-    random_bn.set_weights(random.get_weights())
-    precise_batchnorm(random_bn, _tile_batches(cfg, cfg.train_split))
-    feats, styles, patients = embed_images({"trained": trained, "random": random, "random_bn": random_bn}, cfg, split, data_dir)
-    out = run / (f"invariance_{split}" if not data_dir else f"invariance_{Path(data_dir).name}_{split}")
+    models = {"trained": backbone()}
+    models["trained"].load_weights(weights)
+    if baselines:
+        keras.utils.set_random_seed(cfg.seed)
+        models["random"], models["random_bn"] = backbone(), backbone()
+        models["random_bn"].set_weights(models["random"].get_weights())
+        precise_batchnorm(models["random_bn"], _tile_batches(cfg, cfg.train_split))
+    feats, styles, patients = embed_images(models, cfg, split, data_dir)
     out.mkdir(exist_ok=True)
     result = {
         "run": str(run), "data_dir": str(data_dir or cfg.data_dir), "split": split, "method": cfg.contrastive.method,
         "images_per_style": {str(k): int(v) for k, v in zip(*np.unique(styles, return_counts=True))},
-        "probe_trained": linear_probe_accuracy(feats["trained"], styles, patients, cfg.seed),
-        "probe_random_init": linear_probe_accuracy(feats["random"], styles, patients, cfg.seed),
-        "probe_random_init_data_bn": linear_probe_accuracy(feats["random_bn"], styles, patients, cfg.seed),
+        **{key: linear_probe_accuracy(feats[name], styles, patients, cfg.seed) for name, key, _ in rows},
     }
-    plot_tsne({f"{cfg.contrastive.method} (trained)": feats["trained"], "random init": feats["random"],
-               "random init, data BatchNorm": feats["random_bn"]}, styles, out / "tsne.png", cfg.seed)
+    titles = {"trained": f"{cfg.contrastive.method} (trained)", "random": "random init", "random_bn": "random init, data BatchNorm"}
+    plot_tsne({titles[name]: feats[name] for name, _, _ in rows}, styles, out / "tsne.png", cfg.seed)
     (out / "invariance.json").write_text(json.dumps(result, indent=1))
-    t, r, rb = (result[k]["accuracy"] for k in ("probe_trained", "probe_random_init", "probe_random_init_data_bn"))
     probe = result["probe_trained"]
+    table = "".join(f"| {row or cfg.contrastive.method} | {result[key]['accuracy']:.3f} |\n" for _, key, row in rows)
     (out / "invariance.md").write_text(
         f"# Style invariance: {run.name} ({cfg.contrastive.method}), {split} split\n\n"
         f"Linear-probe vendor-style accuracy on frozen embeddings ({probe['folds']}-fold grouped by patient, "
         f"{probe['images']} images of {probe['patients']} patients; "
         f"lower = more style-invariant; chance {probe['chance']:.3f}):\n\n"
-        f"| backbone | style accuracy |\n|---|---|\n| {cfg.contrastive.method} | {t:.3f} |\n"
-        f"| random init | {r:.3f} |\n| random init, BatchNorm statistics from the training images | {rb:.3f} |\n\n"
-        f"![t-SNE](tsne.png)\n")
+        f"| backbone | style accuracy |\n|---|---|\n{table}\n![t-SNE](tsne.png)\n")
+    return _invariance_summary(out, result)
+
+
+# (model, invariance.json key, table row; "" = the run's method) of each backbone evaluate_contrastive probes
+_INVARIANCE_ROWS = (("trained", "probe_trained", ""), ("random", "probe_random_init", "random init"),
+                    ("random_bn", "probe_random_init_data_bn", "random init, BatchNorm statistics from the training images"))
+
+
+def _invariance_summary(out: Path, result: dict) -> dict:
+    """evaluate_contrastive's return value: the report's paths and each probed backbone's style accuracy."""
+    short = {"probe_trained": "style_accuracy", "probe_random_init": "style_accuracy_random_init",
+             "probe_random_init_data_bn": "style_accuracy_random_init_data_bn"}
     return {"json": out / "invariance.json", "markdown": out / "invariance.md", "tsne": out / "tsne.png",
-            "style_accuracy": round(t, 4), "style_accuracy_random_init": round(r, 4),
-            "style_accuracy_random_init_data_bn": round(rb, 4)}
+            **{short[key]: round(result[key]["accuracy"], 4) for key in short if key in result}}
 
 
 def evaluate_downstream(run: Path, *, split: str = "val", data_dir: str | None = None, n_boot: int = 2000) -> dict:

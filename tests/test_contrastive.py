@@ -236,6 +236,39 @@ def test_pair_scores_per_type_with_exact_chance():
     assert np.isfinite(scores["multi_view"]["nt_xent"]).all() and scores["multi_view"]["nt_xent"].shape == (8,)
 
 
+def test_top1_p_value_is_the_exact_binomial_tail():
+    """Equal chances: scipy's binomial tail P(X >= k); unequal ones: the tail by enumerating every outcome."""
+    import itertools
+
+    from scipy.stats import binom, binomtest
+
+    from mammodg.metrics import top1_above_chance_p
+
+    for n, k, p in ((72, 5, 1 / 70), (72, 0, 1 / 70), (64, 9, 1 / 62), (10, 10, 0.3)):
+        hits = np.arange(n) < k
+        got = top1_above_chance_p(hits, np.full(n, p))
+        np.testing.assert_allclose(got, binom.sf(k - 1, n, p), rtol=1e-9)
+        np.testing.assert_allclose(got, binomtest(k, n, p, alternative="greater").pvalue, rtol=1e-9)
+    chance = np.array([0.5, 0.2, 0.1, 0.25, 0.05])
+    brute = [sum(np.prod([c if o else 1 - c for o, c in zip(out, chance)])
+                 for out in itertools.product([0, 1], repeat=5) if sum(out) >= k) for k in range(6)]
+    for k in range(6):
+        np.testing.assert_allclose(top1_above_chance_p(np.arange(5) < k, chance), brute[k], rtol=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        top1_above_chance_p(np.ones(3, bool), np.ones(4))
+
+
+def test_learning_summary_needs_every_pair_type_clear_in_the_last_two_validations():
+    from mammodg.stages.contrastive import learning_summary
+
+    def h(style_p, view_p):
+        return {"global": {"multi_style_top1_p": style_p, "multi_view_top1_p": view_p}}
+
+    assert learning_summary([h(0.5, 0.5), h(1e-4, 1e-3), h(1e-5, 0.009)], "msvcl").endswith("multi_style yes, multi_view yes")
+    assert learning_summary([h(1e-4, 0.02), h(1e-5, 1e-5)], "msvcl").endswith("multi_style yes, multi_view NO")
+    assert "fewer than 2 validations" in learning_summary([h(1e-5, 1e-5)], "msvcl")
+
+
 def test_validation_has_at_least_32_breasts_or_all():
     from mammodg.stages.contrastive import validation_size
 
@@ -261,6 +294,7 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     assert [h["step"] for h in history] == [2, 4] and all(np.isfinite(h["global"]["nt_xent"]) for h in history)
     for kind in ("multi_style", "multi_view"):  # each pair type with its chance level beside it
         assert all(0 <= h["global"][f"{kind}_top1"] <= 1 and 0 < h["global"][f"{kind}_top1_chance"] <= 1 for h in history)
+        assert all(0 < h["global"][f"{kind}_top1_p"] <= 1 for h in history)
     assert (run / "backbone.weights.h5").is_file() and (run / "saved_model" / "saved_model.pb").is_file()
     # the SavedModel, reloaded in a fresh process, gives the Keras backbone's embeddings
     x = np.random.default_rng(0).uniform(size=(3, 32, 32, 1)).astype(np.float32)
@@ -275,6 +309,11 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     from mammodg.models.resnet import build_backbone
 
     cfg = load(TrainConfig, run / "config.yaml")  # the demo config's encoder, with the --set values
+    from mammodg.stages.contrastive import validation_batches
+
+    _, size, count = validation_batches(cfg)  # anchors: 2 per breast of the validation batches seen (at most 2)
+    assert all(h["global"][f"{k}_anchors"] == 2 * size * min(2, count // size)
+               for h in history for k in ("multi_style", "multi_view"))
     backbone = build_backbone(cfg.contrastive.backbone, (32, 32, 1), width=cfg.contrastive.width)
     backbone.load_weights(run / "backbone.weights.h5")
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), backbone.predict(x, verbose=0), atol=1e-5)
@@ -286,6 +325,11 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     for key in ("probe_trained", "probe_random_init", "probe_random_init_data_bn"):
         assert 0.0 <= inv[key]["accuracy"] <= 1.0 and inv[key]["images"] == sum(inv["images_per_style"].values())
     assert (run / "invariance_train" / "tsne.png").stat().st_size > 10_000
+    from mammodg.evaluate import evaluate_contrastive
+
+    alone = evaluate_contrastive(run, split="train", baselines=False)  # the experiment's later methods of a seed
+    assert alone["style_accuracy"] == round(inv["probe_trained"]["accuracy"], 4) and "style_accuracy_random_init" not in alone
+    assert set(json.loads(alone["json"].read_text())) & {"probe_random_init", "probe_random_init_data_bn"} == set()
 
 
 def test_linear_probe_sees_style_only_when_embeddings_carry_it():

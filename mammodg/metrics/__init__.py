@@ -13,6 +13,6 @@ from mammodg.metrics.classification import (
     roc,
     weighted_log_loss,
 )
-from mammodg.metrics.retrieval import positive_top1_chance, positive_top1_hits
+from mammodg.metrics.retrieval import positive_top1_chance, positive_top1_hits, top1_above_chance_p
 
-__all__ = [*classification.__all__, "positive_top1_chance", "positive_top1_hits"]
+__all__ = [*classification.__all__, "positive_top1_chance", "positive_top1_hits", "top1_above_chance_p"]

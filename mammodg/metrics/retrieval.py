@@ -31,3 +31,16 @@ def positive_top1_chance(n: int, groups=None) -> np.ndarray:
     """(2N,) chance of :func:`positive_top1_hits` per anchor for embeddings that carry no information:
     1 / its number of candidates (2N - 1 less the masked same-group ones)."""
     return 1.0 / _candidates(n, groups).sum(axis=1)
+
+
+def top1_above_chance_p(hits, chance) -> float:
+    """One-sided p-value that top-1 ``hits`` (one bool per anchor) are no better than chance: P(X >= hits)
+    for X the number of hits of anchors that each hit with their own ``chance`` (a Poisson binomial, the
+    exact binomial when the chances are equal), summed exactly over the distribution of X."""
+    hits, chance = np.asarray(hits, bool).ravel(), np.asarray(chance, float).ravel()
+    if hits.shape != chance.shape:
+        raise ValueError(f"hits {hits.shape} and chance {chance.shape} differ in shape")
+    dist = np.ones(1)  # P(X = k) over the anchors seen so far
+    for p in chance:
+        dist = np.concatenate([dist * (1 - p), [0.0]]) + np.concatenate([[0.0], dist * p])
+    return float(min(1.0, dist[int(hits.sum()):].sum()))

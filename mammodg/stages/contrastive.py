@@ -106,16 +106,38 @@ def format_scores(scores: dict, method: str) -> str:
     """One line: NT-Xent and top-1 of each pair type, its chance level beside it."""
     from mammodg.augment import pair_types
 
+    def p(kind):  # the binomial test of top-1 against chance (histories before it lack it)
+        return f", {scores[f'{kind}_anchors']} anchors, p {scores[f'{kind}_top1_p']:.1e}" if f"{kind}_top1_p" in scores else ""
+
     return "  ".join(f"{kind}: NT-Xent {scores[f'{kind}_nt_xent']:.3f} top-1 {scores[f'{kind}_top1']:.3f} "
-                     f"(chance {scores[f'{kind}_top1_chance']:.3f})" for kind in pair_types(method))
+                     f"(chance {scores[f'{kind}_top1_chance']:.3f}{p(kind)})" for kind in pair_types(method))
+
+
+CLEAR_P = 0.01  # "clearly above chance": one-sided test of the top-1 hits against chance below this
+
+
+def learning_summary(history: list[dict], method: str, last: int = 2) -> str:
+    """Whether each pair type's top-1 was clearly above chance (p < CLEAR_P) in each of the ``last``
+    validations of ``history`` (history.json's entries): the end-of-run verdict."""
+    from mammodg.augment import pair_types
+
+    tail = [h["global"] for h in history[-last:]]
+    if len(tail) < last or any(f"{kind}_top1_p" not in g for g in tail for kind in pair_types(method)):
+        return f"top-1 vs chance: fewer than {last} validations with the binomial test"
+    verdict = {kind: all(g[f"{kind}_top1_p"] < CLEAR_P for g in tail) for kind in pair_types(method)}
+    return (f"top-1 clearly above chance (one-sided binomial p < {CLEAR_P}) in each of the last {last} validations: "
+            + ", ".join(f"{kind} {'yes' if ok else 'NO'}" for kind, ok in verdict.items()))
 
 
 def _validate(cfg: TrainConfig):
     """NT-Xent and positive top-1 (with its chance level) of each pair type on the validation breasts.
 
-    Scores go to history.json as ``global`` keys ``<type>_nt_xent``, ``<type>_top1``, ``<type>_top1_chance``
-    and ``nt_xent`` (the mean over pair types, the monitored value)."""
+    Scores go to history.json as ``global`` keys ``<type>_nt_xent``, ``<type>_top1``, ``<type>_top1_chance``,
+    ``<type>_anchors`` and ``<type>_top1_p`` (one-sided exact test of the hits against chance), and
+    ``nt_xent`` (the mean over pair types, the monitored value)."""
     import keras
+
+    from mammodg.metrics import top1_above_chance_p
 
     c = cfg.contrastive
     told = []
@@ -135,6 +157,9 @@ def _validate(cfg: TrainConfig):
                 for k, v in vals.items():
                     per.setdefault(kind, {}).setdefault(k, []).append(v)
         scores = {f"{kind}_{k}": float(np.concatenate(v).mean()) for kind, vals in per.items() for k, v in vals.items()}
+        for kind, vals in per.items():  # hits vs chance over all anchors: one-sided exact test
+            hits, chance = np.concatenate(vals["top1"]), np.concatenate(vals["top1_chance"])
+            scores[f"{kind}_anchors"], scores[f"{kind}_top1_p"] = len(hits), top1_above_chance_p(hits, chance)
         loss = float(np.mean([scores[f"{kind}_nt_xent"] for kind in per]))
         print(format_scores(scores, c.method), flush=True)
         return {"global": {"nt_xent": loss, **scores}, "monitor": loss}
@@ -175,6 +200,7 @@ def run(cfg: TrainConfig):
     if history:  # the learning figures at the end of the log
         print(f"last validation (step {history[-1]['step']}): {format_scores(history[-1]['global'], cfg.contrastive.method)}",
               flush=True)
+        print(learning_summary(history, cfg.contrastive.method), flush=True)
     backbone = backbone_of(model)
     backbone.save_weights(run_dir / "backbone.weights.h5")
     print(f"backbone weights (best EMA): {run_dir / 'backbone.weights.h5'}", flush=True)
