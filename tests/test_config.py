@@ -40,6 +40,18 @@ def _config_class(path):
     return BuildConfig if path.name == "build.yaml" else TrainConfig
 
 
+def _check_protocol_spec(name, path):
+    import yaml
+
+    from mammodg.config import TrainConfig
+
+    spec = yaml.safe_load(path.read_text())
+    assert set(spec["tasks"]) <= set(spec["stages"]), name
+    for stage, s in spec["stages"].items():
+        cfg = load(TrainConfig, s["config"], list(s.get("set", [])) + [f"stage={stage}"])
+        assert cfg.stage == stage, (name, stage)
+
+
 def test_every_shipped_config_loads():
     """Every YAML under configs/ loads into its dataclass (found as package data, not by a repo path)."""
     from mammodg.config import list_shipped_configs, shipped_configs
@@ -48,6 +60,9 @@ def test_every_shipped_config_loads():
     assert {"demo/contrastive.yaml", "msvcl/contrastive.yaml", "periodic_sampling/classifier.yaml"} <= set(names)
     for name in names:
         path = shipped_configs() / name
+        if name.startswith("protocol/"):  # a protocol spec (pipelines/msvcl_v2.py): every stage config it runs loads
+            _check_protocol_spec(name, path)
+            continue
         cfg = load(_config_class(path), name)
         if _config_class(path) is not BuildConfig:
             assert cfg.stage == name.split("/")[1].removesuffix(".yaml"), name
