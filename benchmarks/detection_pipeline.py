@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastive_pipeline import _timed_fit
+from contrastive_pipeline import timed_fit
 
 
 def main():
@@ -52,12 +52,12 @@ def main():
     memory = tf.data.Dataset.from_tensors((x, y)).repeat()
     model = task.build_model()
     model.compile(optimizer=task.optimizer(), loss=task.loss)
-    _timed_fit(model, memory, 1, 1)  # build + trace
+    timed_fit(model, memory, 1, 1)  # build + trace
     rates = {"pipeline": [], "memory": []}
     for r in range(args.repeats):  # alternate to share machine noise
         order = (("memory", memory), ("pipeline", pipeline)) if r % 2 == 0 else (("pipeline", pipeline), ("memory", memory))
         for name, ds in order:
-            rates[name].append(_timed_fit(model, ds, args.steps, args.warmup) * cfg.batch_size)
+            rates[name].append(timed_fit(model, ds, args.steps, args.warmup) * cfg.batch_size)
     med = {k: float(np.median(v)) for k, v in rates.items()}
     result = {"config": args.config, "overrides": args.set, "batch": cfg.batch_size, "input_size": [h, w],
               "stored_size": [2 * h, 2 * w], "backbone": cfg.detection.backbone, "levels": cfg.detection.levels,
