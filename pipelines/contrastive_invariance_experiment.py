@@ -49,7 +49,7 @@ def last_validations(run: Path, method: str, last: int = 2) -> dict:
     """Per pair type: the last validation's top-1, chance and binomial p, and whether top-1 was clearly
     above chance (p < CLEAR_P) in each of the ``last`` validations."""
     from mammodg.augment import pair_types
-    from mammodg.stages.contrastive import CLEAR_P
+    from mammodg.stages.contrastive_report import CLEAR_P
 
     history = [h["global"] for h in json.loads((run / "history.json").read_text())]
     return {kind: {"top1": history[-1][f"{kind}_top1"], "chance": history[-1][f"{kind}_top1_chance"],
@@ -71,7 +71,7 @@ def fmt(s: dict) -> str:
 
 def report(runs: dict, methods: list, seeds: list, args, probe: dict) -> tuple[str, dict]:
     """results.md text and results.json content from the per-run rows ``runs[(seed, method)]``."""
-    from mammodg.stages.contrastive import CLEAR_P
+    from mammodg.stages.contrastive_report import CLEAR_P
 
     done = {m: [s for s in seeds if (s, m) in runs] for m in methods}  # a stopped experiment: the seeds each has
     seeds = sorted({s for m in methods for s in done[m]})
