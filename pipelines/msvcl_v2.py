@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -240,12 +241,47 @@ def figure6(cells: dict, methods, fractions, task: str, path: Path) -> dict:
     return {"task": task, "fractions": list(fractions), "unseen_avg": curves}
 
 
+METHODS = ("random", "simclr", "mscl", "mvcl", "msvcl")
+
+
+def check_spec(path) -> dict:
+    """The protocol spec at ``path``, checked before any work: its sections, methods and tasks, and every stage
+    config it names loads with its overrides. Raises ValueError naming the file and the field."""
+    from mammodg.config import TrainConfig, load
+
+    spec = yaml.safe_load(Path(path).read_text())
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: not a mapping of protocol settings")
+    for key in ("out_dir", "data", "methods", "stages"):
+        if key not in spec:
+            raise ValueError(f"{path}: missing field {key!r}")
+    for key in ("seen", "unseen"):
+        if not spec["data"].get(key):
+            raise ValueError(f"{path}: data.{key} must list data segments (source|manufacturer)")
+    bad = sorted(set(spec["methods"]) - set(METHODS)) + sorted(set(spec.get("tasks", TASKS)) - set(TASKS))
+    if bad:
+        raise ValueError(f"{path}: unknown method(s)/task(s) {bad}; methods {list(METHODS)}, tasks {list(TASKS)}")
+    needed = {"cyclegan", "contrastive", *spec.get("tasks", TASKS)}
+    if needed - set(spec["stages"]):
+        raise ValueError(f"{path}: stages lacks {sorted(needed - set(spec['stages']))}")
+    for stage, st in spec["stages"].items():
+        try:
+            load(TrainConfig, st["config"], list(st.get("set", [])) + [f"stage={stage}"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: stages.{stage}: {e}") from None
+    return spec
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "mammodg" / "configs" / "protocol" / "demo.yaml"))
     ap.add_argument("--out", help="output folder (default: the config's out_dir)")
     args = ap.parse_args(argv)
-    spec = yaml.safe_load(Path(args.config).read_text())
+    try:
+        spec = check_spec(args.config)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
     out = Path(args.out or spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

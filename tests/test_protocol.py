@@ -176,6 +176,7 @@ def test_pipeline_resumes_without_recomputing_a_cell(tmp_path, monkeypatch):
         return {"task": task, "method": method, "fraction": fraction, "seen_avg": value[task] + bonus,
                 "unseen_avg": value[task] + bonus - 0.2 + 0.1 * fraction}
 
+    monkeypatch.setattr(p, "check_spec", lambda path: yaml.safe_load(Path(path).read_text()))  # no stage configs here
     monkeypatch.setattr(p, "build_data", lambda spec, out: calls.append("data") or {})
     monkeypatch.setattr(p, "style_cells", lambda spec, out, data: calls.append("styles") or out / "pairs")
     monkeypatch.setattr(p, "pretrain", lambda spec, out, data, pairs, m: calls.append(("pretrain", m)) or {})
@@ -206,3 +207,20 @@ def test_pipeline_resumes_without_recomputing_a_cell(tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     assert results["figure6"][0]["unseen_avg"]["random"] == pytest.approx([0.30 - 0.2 + 0.05, 0.30 - 0.2 + 0.1])
     assert (out / "figure6_detection.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("edit, field", [("methods: [random, simclr, mscl, mvcl, msvcl]", "methods: [random, foo]"),
+                                         ("steps=1000", "stepz=1000")])
+def test_bad_spec_is_a_one_line_error_before_any_work(tmp_path, capsys, edit, field):
+    spec = Path(__file__).resolve().parents[1] / "mammodg" / "configs" / "protocol" / "demo.yaml"
+    text = spec.read_text()
+    assert edit in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace(edit, field))
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
+        "msvcl_v2_bad", Path(__file__).resolve().parents[1] / "pipelines" / "msvcl_v2.py"))
+    mod.__spec__.loader.exec_module(mod)
+    assert mod.main(["--config", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and ("foo" in err or "stepz" in err)
+    assert not (tmp_path / "out").exists()
