@@ -192,6 +192,36 @@ def test_crop_box_contains_the_shared_point_and_independent_crops_rarely_overlap
     assert together == 100 and independent < 30
 
 
+def test_overlap_shift_keeps_crop_centres_near_the_shared_point():
+    """shift s: a crop's centre lies within +/- s/2 of its sides from the shared point (unless clipped at
+    the image edge), so two crops around one point share more of their area as s falls: the mean
+    intersection over union against a direct numpy computation of the boxes' overlap."""
+    image = _image(_left_breast(200, 150, cols=100))
+    args = dict(crop_scale=[0.03, 0.03], rotation_deg=0.0)
+
+    def iou(b1, b2):
+        ih = max(0.0, min(b1[2], b2[2]) - max(b1[0], b2[0]))
+        iw = max(0.0, min(b1[3], b2[3]) - max(b1[1], b2[1]))
+        inter = ih * iw
+        return inter / ((b1[2] - b1[0]) * (b1[3] - b1[1]) + (b2[2] - b2[0]) * (b2[3] - b2[1]) - inter)
+
+    mean_iou = {}
+    for shift in (1.0, 0.5, 0.0):
+        ious = []
+        for i in range(60):
+            p = breast_point(image, _seed(3, i)).numpy()
+            boxes = [crop_box(image, _seed(side, i), point=tf.constant(p), shift=shift, **args)[0].numpy()
+                     for side in (0, 1)]
+            for b in boxes:
+                size, centre = b[2:] - b[:2], (b[:2] + b[2:]) / 2
+                inside = (b[:2] > 1e-6) & (b[2:] < 1 - 1e-6)  # not clipped at the image edge
+                assert np.all(np.abs(centre - p)[inside] <= shift * size[inside] / 2 + 1e-5)
+                assert b[0] <= p[0] <= b[2] and b[1] <= p[1] <= b[3]
+            ious.append(iou(*boxes))
+        mean_iou[shift] = float(np.mean(ious))
+    assert mean_iou[0.0] > 0.75 and mean_iou[0.0] > mean_iou[0.5] + 0.1 > mean_iou[1.0] + 0.2
+
+
 def test_augment_keeps_shape_varies_by_seed_and_is_seeded():
     image = _image(_left_breast(80, 60, cols=40))
     xs = [augment(image, _seed(0, i), **_crop(input_size=[40, 32])).numpy() for i in range(4)]

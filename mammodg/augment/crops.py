@@ -35,11 +35,12 @@ def breast_point(stored, seed):
                    lambda: uniform(s[1], (2,)))
 
 
-def crop_box(stored, seed, *, crop_scale, rotation_deg, point=None):
+def crop_box(stored, seed, *, crop_scale, rotation_deg, point=None, shift=1.0):
     """A random crop of a stored-encoding image (h, w, 1): box (y0, x0, y1, x1) as fractions of the sides
     (area in ``crop_scale``, aspect 3/4..4/3, kept inside the image) and its rotation in radians (within
     +/- ``rotation_deg``). Centred on a random breast pixel, or, given ``point``, placed at random among
-    the crops of that size that contain it."""
+    the crops of that size that contain it, its centre within +/- ``shift`` / 2 crop sides of the point
+    (1: any crop that contains it)."""
     import tensorflow as tf
 
     s = tf.random.experimental.stateless_split(seed, 5)
@@ -49,7 +50,7 @@ def crop_box(stored, seed, *, crop_scale, rotation_deg, point=None):
     if point is None:
         centre = breast_point(stored, s[3])
     else:  # the crop contains ``point`` (still so once shifted inside the image)
-        centre = point + (uniform(s[4], (2,)) - 0.5) * size
+        centre = point + (uniform(s[4], (2,)) - 0.5) * size * shift
     y0, x0 = tf.unstack(tf.clip_by_value(centre - size / 2, 0.0, 1.0 - size))
     angle = uniform(s[0], (), -rotation_deg, rotation_deg) * math.pi / 180  # about the crop centre
     return tf.stack([y0, x0, y0 + size[0], x0 + size[1]]), angle
@@ -86,15 +87,15 @@ def crop_input(stored, boxes, *, input_size, target_mean, angles=None):
     return model_input(tf.where(x >= 1.0, x, 0.0), target_mean, fill=outside_constant(stored, target_mean))
 
 
-def augment(stored, seed, *, input_size, crop_scale, rotation_deg, jitter, target_mean, point=None):
+def augment(stored, seed, *, input_size, crop_scale, rotation_deg, jitter, target_mean, point=None, shift=1.0):
     """Stored-encoding float image (h, w, 1) -> one augmented model input (*input_size, 1), section IV-B:
-    :func:`crop_box` (containing ``point`` when given), horizontal flip, and intensity jitter of strength
+    :func:`crop_box` (containing ``point`` when given, within ``shift``), horizontal flip, and intensity jitter of strength
     ``jitter`` (brightness and contrast factors in [1 - 0.8 jitter, 1 + 0.8 jitter], as SimCLR's colour
     jitter)."""
     import tensorflow as tf
 
     s = tf.random.experimental.stateless_split(seed, 3)
-    box, angle = crop_box(stored, s[0], crop_scale=crop_scale, rotation_deg=rotation_deg, point=point)
+    box, angle = crop_box(stored, s[0], crop_scale=crop_scale, rotation_deg=rotation_deg, point=point, shift=shift)
     x = crop_input(stored, box[None], input_size=input_size, target_mean=target_mean, angles=angle[None])[0]
     x = tf.cond(uniform(s[1]) < 0.5, lambda: tf.image.flip_left_right(x), lambda: x)
     bc = uniform(s[2], (2,), 1 - 0.8 * jitter, 1 + 0.8 * jitter)

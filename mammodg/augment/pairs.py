@@ -6,7 +6,7 @@ from mammodg.augment.styles import METHODS, choose, styled, view_sides, views_pe
 
 
 def pair_decoder(method: str, seed: int, *, input_size, crop_scale, rotation_deg, jitter, target_mean,
-                 crop_overlap: bool = True, view_crop_scale=None):
+                 crop_overlap: bool = True, view_crop_scale=None, overlap_shift: float = 1.0):
     """A ``tf.data`` map function (sample index, serialized pair record) -> ({"view1", "view2", ..}, group id):
     the views and styles :func:`choose` picks for ``method``, each augmented (:func:`augment`), and the
     patient's :func:`mammodg.records.pairs.patient_group_id` (NT-Xent's ``groups``: the other breast of the
@@ -15,7 +15,8 @@ def pair_decoder(method: str, seed: int, *, input_size, crop_scale, rotation_deg
     Draws are seeded by (``seed``, sample index). The sides of a multi-view pair (:func:`view_sides`) are
     cropped at ``view_crop_scale`` (default ``crop_scale``): large crops, so the CC and the MLO share
     tissue. With ``crop_overlap`` the crops of the other sides showing the same view of the breast contain
-    one common breast point (README, "Contrastive pre-training")."""
+    one common breast point, their centres within +/- ``overlap_shift`` / 2 crop sides of it (README,
+    "Contrastive pre-training")."""
     import tensorflow as tf
 
     from mammodg.records.pairs import parse_pair, patient_group_id
@@ -41,7 +42,8 @@ def pair_decoder(method: str, seed: int, *, input_size, crop_scale, rotation_deg
                 scale = view_crop_scale or crop_scale
             elif crop_overlap:  # one point per view of the breast
                 point = breast_point(img, tf.random.experimental.stateless_fold_in(seeds[1], tf.cast(view, tf.int64)))
-            views[f"view{side}"] = tf.ensure_shape(augment(img, seeds[side + 1], point=point, crop_scale=scale, **crop),
+            views[f"view{side}"] = tf.ensure_shape(augment(img, seeds[side + 1], point=point, shift=overlap_shift,
+                                                           crop_scale=scale, **crop),
                                                    [h, w, 1])
         return views, patient_group_id(r["patient"])
 

@@ -141,6 +141,7 @@ class ContrastiveConfig:
     crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.6, 1.0])  # crop area fraction range
     view_crop_scale: list[float] = dataclasses.field(default_factory=list)  # multi-view sides' crop area range; [] = crop_scale
     crop_overlap: bool = True  # crops of the same view of a sample contain a common breast point (small crops)
+    overlap_shift: float = 1.0  # ... their centres within +/- shift/2 crop sides of it (1: anywhere it stays inside)
     rotation_deg: float = 10.0
     jitter: float = 0.2  # colour (intensity) jitter strength
     weights: str = ""  # optional local .h5/.weights.h5 of ImageNet ResNet-50 weights (never downloaded)

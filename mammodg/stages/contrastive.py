@@ -53,7 +53,8 @@ def _decoder(cfg: TrainConfig):
     c = cfg.contrastive
     return pair_decoder(c.method, cfg.seed, input_size=c.input_size, crop_scale=c.crop_scale,
                         rotation_deg=c.rotation_deg, jitter=c.jitter, target_mean=cfg.target_mean,
-                        crop_overlap=c.crop_overlap, view_crop_scale=c.view_crop_scale or None)
+                        crop_overlap=c.crop_overlap, view_crop_scale=c.view_crop_scale or None,
+                        overlap_shift=c.overlap_shift)
 
 
 def contrastive_batches(cfg: TrainConfig, start_step: int = 0):
