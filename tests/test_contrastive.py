@@ -423,7 +423,8 @@ def test_demo_orchestration_builds_missing_pairs_once(tiny_records, tmp_path, ca
         prepare_contrastive(cfg)
 
 
-@pytest.mark.parametrize("field, value", [("method", "byol"), ("optimizer", "lars")])
+@pytest.mark.parametrize("field, value", [("method", "byol"), ("optimizer", "lars"), ("overlap_shift", 1.5),
+                                          ("overlap_shift", -0.1)])
 def test_bad_contrastive_config_fails_before_any_data_work(tmp_path, field, value):
     from mammodg import stages
     from mammodg.config import ConfigError

@@ -25,6 +25,8 @@ def check(cfg: TrainConfig) -> None:
     for name, value, allowed in (("method", c.method, METHODS), ("optimizer", c.optimizer, CONTRASTIVE_OPTIMIZERS)):
         if value not in allowed:
             raise ConfigError(f"contrastive.{name} must be one of {allowed}, got {value!r}")
+    if not 0.0 <= c.overlap_shift <= 1.0:  # beyond 1 a crop could miss the shared point
+        raise ConfigError(f"contrastive.overlap_shift must lie in [0, 1], got {c.overlap_shift!r}")
 
 
 def pairs_dir(cfg: TrainConfig) -> Path:
