@@ -212,7 +212,8 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
         raise FileNotFoundError(f"{run} is not a finished contrastive run (backbone.weights.h5 missing)")
     shape = (*cfg.contrastive.input_size, 1)
     out = run / (f"invariance_{split}" if not data_dir else f"invariance_{Path(data_dir).name}_{split}")
-    rows = _INVARIANCE_ROWS[:3 if baselines else 1]
+    head = (run / "best.weights.h5").is_file()  # the whole model (backbone + projection head) of the run
+    rows = [r for r in _INVARIANCE_ROWS if (baselines or not r[0].startswith("random")) and (head or r[0] != "head")]
     if reuse and (out / "invariance.json").is_file() and (
             (out / "invariance.json").stat().st_mtime > (run / "history.json").stat().st_mtime):  # not retrained since
         result = json.loads((out / "invariance.json").read_text())
@@ -224,6 +225,8 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
 
     models = {"trained": backbone()}
     models["trained"].load_weights(weights)
+    if head:
+        models["head"] = projection_encoder(cfg, run / "best.weights.h5")
     if baselines:
         keras.utils.set_random_seed(cfg.seed)
         models["random"], models["random_bn"] = backbone(), backbone()
@@ -236,11 +239,11 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
         "images_per_style": {str(k): int(v) for k, v in zip(*np.unique(styles, return_counts=True))},
         **{key: linear_probe_accuracy(feats[name], styles, patients, cfg.seed) for name, key, _ in rows},
     }
-    titles = {"trained": f"{cfg.contrastive.method} (trained)", "random": "random init", "random_bn": "random init, data BatchNorm"}
-    plot_tsne({titles[name]: feats[name] for name, _, _ in rows}, styles, out / "tsne.png", cfg.seed)
+    method = cfg.contrastive.method
+    plot_tsne({row.format(method=method): feats[name] for name, _, row in rows}, styles, out / "tsne.png", cfg.seed)
     (out / "invariance.json").write_text(json.dumps(result, indent=1))
     probe = result["probe_trained"]
-    table = "".join(f"| {row or cfg.contrastive.method} | {result[key]['accuracy']:.3f} |\n" for _, key, row in rows)
+    table = "".join(f"| {row.format(method=method)} | {result[key]['accuracy']:.3f} |\n" for _, key, row in rows)
     (out / "invariance.md").write_text(
         f"# Style invariance: {run.name} ({cfg.contrastive.method}), {split} split\n\n"
         f"Linear-probe vendor-style accuracy on frozen embeddings ({probe['folds']}-fold grouped by patient, "
@@ -250,14 +253,31 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     return _invariance_summary(out, result)
 
 
-# (model, invariance.json key, table row; "" = the run's method) of each backbone evaluate_contrastive probes
-_INVARIANCE_ROWS = (("trained", "probe_trained", ""), ("random", "probe_random_init", "random init"),
+def projection_encoder(cfg, weights) -> "keras.Model":
+    """Tile -> the projection head's output (what NT-Xent compared in training) of a contrastive run's
+    model, built as the stage builds it and loaded from ``weights`` (its ``best.weights.h5``). A style the
+    backbone keeps may be dropped by the head alone (the head absorbs the invariances the loss asks for)."""
+    import keras
+
+    from mammodg.models.resnet import backbone_of
+    from mammodg.stages.contrastive import contrastive_task
+
+    model = contrastive_task(cfg).build_model()
+    model.load_weights(weights)
+    x = keras.Input((*cfg.contrastive.input_size, 1))
+    return keras.Model(x, model.get_layer("projection")(backbone_of(model)(x)), name="projection_encoder")
+
+
+# (model, invariance.json key, table row and t-SNE title) of each embedding evaluate_contrastive probes
+_INVARIANCE_ROWS = (("trained", "probe_trained", "{method}"), ("head", "probe_projection", "{method}, projection head output"),
+                    ("random", "probe_random_init", "random init"),
                     ("random_bn", "probe_random_init_data_bn", "random init, BatchNorm statistics from the training images"))
 
 
 def _invariance_summary(out: Path, result: dict) -> dict:
     """evaluate_contrastive's return value: the report's paths and each probed backbone's style accuracy."""
-    short = {"probe_trained": "style_accuracy", "probe_random_init": "style_accuracy_random_init",
+    short = {"probe_trained": "style_accuracy", "probe_projection": "style_accuracy_projection",
+             "probe_random_init": "style_accuracy_random_init",
              "probe_random_init_data_bn": "style_accuracy_random_init_data_bn"}
     return {"json": out / "invariance.json", "markdown": out / "invariance.md", "tsne": out / "tsne.png",
             **{short[key]: round(result[key]["accuracy"], 4) for key in short if key in result}}

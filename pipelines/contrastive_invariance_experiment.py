@@ -77,6 +77,9 @@ def report(runs: dict, methods: list, seeds: list, args, probe: dict) -> tuple[s
     seeds = sorted({s for m in methods for s in done[m]})
     summary = {m: {"seeds": done[m], "style_accuracy": spread([runs[s, m]["style_accuracy"] for s in done[m]])}
                for m in methods if done[m]}
+    for m in summary:  # the projection head's output, where a run has it
+        if all("style_accuracy_projection" in runs[s, m] for s in done[m]):
+            summary[m]["style_accuracy_projection"] = spread([runs[s, m]["style_accuracy_projection"] for s in done[m]])
     base = done[methods[0]]  # the random baselines, evaluated with each seed's first method
     summary["random init"] = {"seeds": base, "style_accuracy": spread([runs[s, methods[0]]["style_accuracy_random_init"] for s in base])}
     summary["random init, data BatchNorm"] = {"seeds": base, "style_accuracy": spread(
@@ -94,11 +97,13 @@ def report(runs: dict, methods: list, seeds: list, args, probe: dict) -> tuple[s
              "every method and seed. Figures: mean ± sample std [min, max] over seeds.", "",
              f"Learned its task: top-1 of the last validation per pair type (chance in brackets); 'clear' counts the "
              f"seeds whose top-1 was above chance with one-sided binomial p < {CLEAR_P} in each of the last two validations.", "",
-             "| backbone | style accuracy | last-validation top-1 per pair type (chance), seeds clear |", "|---|---|---|"]
+             "| backbone | style accuracy | projection head output | last-validation top-1 per pair type (chance), "
+             "seeds clear |", "|---|---|---|---|"]
     for m, row in summary.items():
         tasks = "; ".join(f"{kind} {fmt(v['top1'])} ({v['chance']:.3f}), {v['seeds_clear']}/{len(row['seeds'])} clear"
-                          for kind, v in row.items() if kind not in ("seeds", "style_accuracy"))
-        lines.append(f"| {m} (seeds {', '.join(map(str, row['seeds']))}) | {fmt(row['style_accuracy'])} | {tasks} |")
+                          for kind, v in row.items() if kind not in ("seeds", "style_accuracy", "style_accuracy_projection"))
+        head = fmt(row["style_accuracy_projection"]) if "style_accuracy_projection" in row else ""
+        lines.append(f"| {m} (seeds {', '.join(map(str, row['seeds']))}) | {fmt(row['style_accuracy'])} | {head} | {tasks} |")
     lines += ["", "Per run:", "", "| seed | method | style accuracy | random init | last validation: top-1 (chance, p) | train s |",
               "|---|---|---|---|---|---|"]
     for s in seeds:

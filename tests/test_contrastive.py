@@ -322,10 +322,21 @@ def test_contrastive_stage_end_to_end_export_and_resume(tiny_records, pairs, tmp
     assert main(["evaluate", "--stage", "contrastive", "--run", str(run), "--split", "train"]) == 0
     inv = json.loads((run / "invariance_train" / "invariance.json").read_text())
     assert set(inv["images_per_style"]) == set(load_index(tiny_records)["segments"])
-    for key in ("probe_trained", "probe_random_init", "probe_random_init_data_bn"):
+    for key in ("probe_trained", "probe_projection", "probe_random_init", "probe_random_init_data_bn"):
         assert 0.0 <= inv[key]["accuracy"] <= 1.0 and inv[key]["images"] == sum(inv["images_per_style"].values())
     assert (run / "invariance_train" / "tsne.png").stat().st_size > 10_000
-    from mammodg.evaluate import evaluate_contrastive
+    from mammodg.evaluate import evaluate_contrastive, projection_encoder
+    from mammodg.models.resnet import view_names
+    from mammodg.stages.contrastive import contrastive_task
+
+    # the probed head output is what the trained model fed NT-Xent: every view's projection of the same tiles
+    full = contrastive_task(cfg).build_model()
+    full.load_weights(run / "best.weights.h5")
+    tiles = np.random.default_rng(1).uniform(size=(3, *cfg.contrastive.input_size, 1)).astype(np.float32)
+    z = full.predict({k: tiles for k in view_names(full.output.shape[1])}, verbose=0)
+    head = projection_encoder(cfg, run / "best.weights.h5").predict(tiles, verbose=0)
+    for v in range(z.shape[1]):
+        np.testing.assert_allclose(head, z[:, v], atol=1e-4)
 
     alone = evaluate_contrastive(run, split="train", baselines=False)  # the experiment's later methods of a seed
     assert alone["style_accuracy"] == round(inv["probe_trained"]["accuracy"], 4) and "style_accuracy_random_init" not in alone
