@@ -96,16 +96,18 @@ def embed_images(backbones: dict, cfg, split: str, data_dir=None, chunk_tiles: i
     """Image embeddings of every image of a split for each backbone (name -> model, inference mode):
     the mean of the backbone's embeddings of the image's breast tiles at the training scale
     (:func:`mammodg.augment.evaluation_tiles`), run in batches of tiles of several images.
+    A model with a dict of outputs gives one embedding per output name (one pass for several).
     Returns (name -> (n, d), styles (n,), patients (n,))."""
-    feats, styles, patients, tiles, owner = {k: [] for k in backbones}, [], [], [], []
+    feats, styles, patients, tiles, owner = {}, [], [], [], []
 
     def flush():
         if tiles:
             x, who = np.concatenate(tiles), np.asarray(owner)
             x = np.concatenate([x, np.zeros((-len(x) % batch, *x.shape[1:]), x.dtype)])  # whole batches: no retracing
             for name, model in backbones.items():
-                f = model.predict(x, batch_size=batch, verbose=0)[:len(who)]
-                feats[name] += [f[who == i].mean(axis=0) for i in np.unique(who)]
+                out = model.predict(x, batch_size=batch, verbose=0)
+                for key, f in (out if isinstance(out, dict) else {name: out}).items():
+                    feats.setdefault(key, []).extend(f[:len(who)][who == i].mean(axis=0) for i in np.unique(who))
             tiles.clear()
             owner.clear()
 
@@ -223,10 +225,11 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     def backbone():
         return build_backbone(cfg.contrastive.backbone, shape, width=cfg.contrastive.width)
 
-    models = {"trained": backbone()}
-    models["trained"].load_weights(weights)
-    if head:
-        models["head"] = projection_encoder(cfg, run / "best.weights.h5")
+    if head:  # one backbone pass gives both: {"trained": its features, "head": the projection of them}
+        models = {"trained": backbone_and_head(cfg, run / "best.weights.h5")}
+    else:
+        models = {"trained": backbone()}
+        models["trained"].load_weights(weights)
     if baselines:
         keras.utils.set_random_seed(cfg.seed)
         models["random"], models["random_bn"] = backbone(), backbone()
@@ -253,10 +256,11 @@ def evaluate_contrastive(run: Path, *, split: str = "val", data_dir: str | None 
     return _invariance_summary(out, result)
 
 
-def projection_encoder(cfg, weights) -> "keras.Model":
-    """Tile -> the projection head's output (what NT-Xent compared in training) of a contrastive run's
-    model, built as the stage builds it and loaded from ``weights`` (its ``best.weights.h5``). A style the
-    backbone keeps may be dropped by the head alone (the head absorbs the invariances the loss asks for)."""
+def backbone_and_head(cfg, weights) -> "keras.Model":
+    """Tile -> {"trained": the backbone's features, "head": the projection head's output of them (what
+    NT-Xent compared in training)} of a contrastive run's model, built as the stage builds it and loaded
+    from ``weights`` (its ``best.weights.h5``). A style the backbone keeps may be dropped by the head alone
+    (the head absorbs the invariances the loss asks for)."""
     import keras
 
     from mammodg.models.resnet import backbone_of
@@ -265,7 +269,16 @@ def projection_encoder(cfg, weights) -> "keras.Model":
     model = contrastive_task(cfg).build_model()
     model.load_weights(weights)
     x = keras.Input((*cfg.contrastive.input_size, 1))
-    return keras.Model(x, model.get_layer("projection")(backbone_of(model)(x)), name="projection_encoder")
+    features = backbone_of(model)(x)
+    return keras.Model(x, {"trained": features, "head": model.get_layer("projection")(features)})
+
+
+def projection_encoder(cfg, weights) -> "keras.Model":
+    """Tile -> the projection head's output alone (:func:`backbone_and_head`)."""
+    import keras
+
+    both = backbone_and_head(cfg, weights)
+    return keras.Model(both.input, both.output["head"], name="projection_encoder")
 
 
 # (model, invariance.json key, table row and t-SNE title) of each embedding evaluate_contrastive probes
